@@ -1,0 +1,5 @@
+import sys
+
+from vistra.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Cost analysis: parameters, multiply-adds, and the complexity argument behind Swin."""

@@ -1,0 +1,36 @@
+"""`vistra models [PATTERN]`: what can be built, with its size and cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vistra.analysis.flops import model_summary
+from vistra.models import list_models
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered models with params and GMACs",
+                       description="List registered models: name, parameters, GMACs at the "
+                                   "default input size, default input size.")
+    p.add_argument("pattern", nargs="?", default="*",
+                   help="shell-style filter on the name, e.g. 'swin*' (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no model matches {args.pattern!r}; try `vistra models` for all")
+    rows = [model_summary(n) for n in names]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'model':<{width}}  {'params (M)':>10}  {'GMACs':>8}  {'input':>9}  classes")
+    for r in rows:
+        size = "x".join(str(s) for s in r["img_size"])
+        print(f"{r['name']:<{width}}  {r['params'] / 1e6:>10.3f}  {r['macs'] / 1e9:>8.2f}  "
+              f"{size:>9}  {r['num_classes']}")
+    return 0

@@ -1,0 +1,124 @@
+"""Open any common image file as an RGB PIL image, and vet files before training sees them.
+
+Real image folders hold grayscale scans, palette GIFs, RGBA screenshots, CMYK JPEGs from
+print workflows, 16-bit PNGs, rotated phone photos and the odd broken download. Every one of
+them must reach the model as the 8-bit RGB picture a person would see, and a broken file must
+be reported by name when the folder is scanned, not crash an epoch half-way through.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
+
+# Pillow's own hard limit (twice its warning threshold): larger files are far more likely to
+# be decompression bombs than photos, and decoding one could exhaust memory.
+MAX_PIXELS = 178_956_970
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_WHITE = (255, 255, 255)
+
+
+class ImageLoadError(OSError):
+    """A file that cannot be used as an image; `reason` is short enough for a report line."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot load image {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has one of IMAGE_EXTENSIONS (any letter case)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` into an 8-bit RGB image as displayed (EXIF orientation applied).
+
+    Raises ImageLoadError (naming the file) for anything that is not a complete image.
+    """
+    return _decode(Path(path), quick=False)
+
+
+def check_image(path: str | os.PathLike) -> str | None:
+    """Return None if `path` decodes completely, else a short reason such as "truncated".
+
+    Every pixel is decoded, because truncated files open fine and only fail on load. JPEGs
+    are decoded at 1/8 scale, which still reads the whole entropy-coded stream (so damage is
+    caught) but skips most of the inverse DCT work.
+    """
+    try:
+        _decode(Path(path), quick=True)
+    except ImageLoadError as error:
+        return error.reason
+    return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way a viewer shows it.
+
+    Transparent areas become white (the usual page background), and wide-range modes are
+    scaled into 0-255 instead of being clipped, which would turn most 16-bit images white.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        gray = _scale_to_uint8(np.asarray(image), image.mode)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, _WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Map a single-channel wide-range array to uint8, guessing the range from the mode."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0  # 16-bit data: 65535 -> 255
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    elif mode == "F" and low >= 0 and high <= 255:
+        scaled = values
+    else:  # an unknown range: stretch what is there
+        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _decode(path: Path, quick: bool) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageLoadError(path, f"too large ({width}x{height} pixels)")
+            if quick and image.format == "JPEG":
+                image.draft(None, (1, 1))
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(path, "too large") from error
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(path, "not an image") from error
+    except OSError as error:
+        if error.errno is not None:  # the file system, not the image data
+            raise ImageLoadError(path, f"unreadable: {error.strerror}") from error
+        reason = "truncated" if "truncated" in str(error).lower() else _corrupt(error)
+        raise ImageLoadError(path, reason) from error
+    except Exception as error:  # Pillow's plugins raise many types on malformed data
+        raise ImageLoadError(path, _corrupt(error)) from error
+
+
+def _corrupt(error: Exception) -> str:
+    detail = str(error) or type(error).__name__
+    return f"corrupt: {detail[:80]}"

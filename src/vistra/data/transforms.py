@@ -1,0 +1,384 @@
+"""Image transforms for training and evaluation, written with Pillow and torch only.
+
+They follow torchvision's semantics (RandomResizedCrop, Resize + CenterCrop, RandAugment) so
+recipes and reported accuracies carry over, without depending on torchvision.
+
+All randomness comes from torch's global RNG (torch.rand / torch.randint). DataLoader seeds
+that RNG in each worker from the main process's seed, so `torch.manual_seed` alone makes a
+run's augmentations reproducible, with different draws in different workers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+Size = int | tuple[int, int]
+_RESAMPLING = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def to_tensor_normalized(
+    image: Image.Image, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """PIL image -> float tensor [3, H, W] of (pixel / 255 - mean) / std."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # [H, W, 3], a writable copy
+    scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))
+    shift = -torch.tensor(mean, dtype=torch.float32) / torch.tensor(std, dtype=torch.float32)
+    tensor = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return tensor.mul_(scale[:, None, None]).add_(shift[:, None, None])
+
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+def _randint(low: int, high: int) -> int:
+    """A torch-RNG integer in [low, high)."""
+    return int(torch.randint(low, high, ()).item())
+
+
+# --- RandAugment -------------------------------------------------------------------------
+# Each op takes the image, a level in [0, 1] (signed for symmetric ops) and the fill colour.
+# At level 1 (magnitude 10) the ops reach the maxima of torchvision's RandAugment.
+
+
+Fill = tuple[int, int, int]
+
+
+def _identity(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return image
+
+
+def _autocontrast(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageOps.autocontrast(image)
+
+
+def _equalize(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageOps.equalize(image)
+
+
+def _rotate(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return image.rotate(30.0 * level, Image.Resampling.BILINEAR, fillcolor=fill)
+
+
+def _solarize(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageOps.solarize(image, threshold=round(255 * (1.0 - level)))
+
+
+def _posterize(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageOps.posterize(image, bits=8 - round(4 * level))
+
+
+def _color(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageEnhance.Color(image).enhance(1.0 + 0.9 * level)
+
+
+def _contrast(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageEnhance.Contrast(image).enhance(1.0 + 0.9 * level)
+
+
+def _brightness(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageEnhance.Brightness(image).enhance(1.0 + 0.9 * level)
+
+
+def _sharpness(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return ImageEnhance.Sharpness(image).enhance(1.0 + 0.9 * level)
+
+
+def _affine(image: Image.Image, coeffs: tuple[float, ...], fill: Fill) -> Image.Image:
+    return image.transform(
+        image.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=fill
+    )
+
+
+def _shear_x(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return _affine(image, (1, 0.3 * level, 0, 0, 1, 0), fill)
+
+
+def _shear_y(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return _affine(image, (1, 0, 0, 0.3 * level, 1, 0), fill)
+
+
+def _translate_x(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return _affine(image, (1, 0, 150 / 331 * level * image.width, 0, 1, 0), fill)
+
+
+def _translate_y(image: Image.Image, level: float, fill: Fill) -> Image.Image:
+    return _affine(image, (1, 0, 0, 0, 1, 150 / 331 * level * image.height), fill)
+
+
+# name -> (op, whether the op is symmetric and so gets a random sign)
+_OPS: dict[str, tuple[Callable[[Image.Image, float, Fill], Image.Image], bool]] = {
+    "identity": (_identity, False),
+    "autocontrast": (_autocontrast, False),
+    "equalize": (_equalize, False),
+    "rotate": (_rotate, True),
+    "solarize": (_solarize, False),
+    "posterize": (_posterize, False),
+    "color": (_color, True),
+    "contrast": (_contrast, True),
+    "brightness": (_brightness, True),
+    "sharpness": (_sharpness, True),
+    "shear_x": (_shear_x, True),
+    "shear_y": (_shear_y, True),
+    "translate_x": (_translate_x, True),
+    "translate_y": (_translate_y, True),
+}
+RANDAUGMENT_OPS = tuple(_OPS)
+
+
+@dataclass(frozen=True)
+class RandAugment:
+    """Apply `num_ops` ops drawn uniformly (with replacement) from RANDAUGMENT_OPS.
+
+    `magnitude` is on the paper's 0-10 scale; symmetric ops (rotate, shear, translate,
+    enhance) pick their direction at random. Uncovered areas are filled with mid-grey, which
+    normalises to roughly zero instead of the strong signal black would be.
+    """
+
+    num_ops: int = 2
+    magnitude: float = 9.0
+    fill: Fill = (128, 128, 128)
+
+    def __post_init__(self) -> None:
+        if self.num_ops < 0 or not 0 <= self.magnitude <= 10:
+            raise ValueError(
+                f"RandAugment needs num_ops >= 0 and magnitude in [0, 10], got "
+                f"({self.num_ops}, {self.magnitude})"
+            )
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        for _ in range(self.num_ops):
+            op, signed = _OPS[RANDAUGMENT_OPS[_randint(0, len(RANDAUGMENT_OPS))]]
+            level = self.magnitude / 10.0
+            if signed and torch.rand(()).item() < 0.5:
+                level = -level
+            image = op(image, level, self.fill)
+        return image
+
+
+# --- Training and evaluation pipelines --------------------------------------------------
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params as a (left, top, crop_w, crop_h) box.
+
+    Ten tries for a box of random area fraction (in `scale`) and log-uniform aspect ratio
+    (in `ratio`) that fits; otherwise the largest centred box with an allowed aspect ratio.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(*scale)
+        aspect = math.exp(_uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return _randint(0, width - w + 1), _randint(0, height - h + 1), w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """RandomResizedCrop -> horizontal flip -> optional RandAugment -> normalised tensor.
+
+    A class rather than a closure so DataLoader workers can pickle it under any start method.
+    """
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    randaugment: RandAugment | None
+    resample: Image.Resampling
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio)
+        height, width = self.size
+        image = image.resize((width, height), self.resample, box=(left, top, left + w, top + h))
+        if self.hflip > 0 and torch.rand(()).item() < self.hflip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaugment is not None:
+            image = self.randaugment(image)
+        return to_tensor_normalized(image, self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize so the image covers size / crop_pct (keeping its shape), centre crop, normalise."""
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    resample: Image.Resampling
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        height, width = self.size
+        resized = _cover_size(image.width, image.height, width, height, self.crop_pct)
+        if resized != image.size:
+            image = image.resize(resized, self.resample)
+        left = round((image.width - width) / 2.0)
+        top = round((image.height - height) / 2.0)
+        image = image.crop((left, top, left + width, top + height))
+        return to_tensor_normalized(image, self.mean, self.std)
+
+
+def _cover_size(
+    width: int, height: int, crop_w: int, crop_h: int, crop_pct: float
+) -> tuple[int, int]:
+    """Smallest shape-preserving size covering crop / crop_pct.
+
+    For a square crop this is torchvision's Resize(int(size / crop_pct)): the shorter side
+    becomes that length and the longer one int(length * long / short).
+    """
+    target_w, target_h = int(crop_w / crop_pct), int(crop_h / crop_pct)
+    if target_h / height >= target_w / width:
+        return max(target_w, int(width * target_h / height)), target_h
+    return target_w, max(target_h, int(height * target_w / width))
+
+
+def _pair(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _resampling(name: str) -> Image.Resampling:
+    if name not in _RESAMPLING:
+        raise ValueError(f"interpolation must be one of {sorted(_RESAMPLING)}, got {name!r}")
+    return _RESAMPLING[name]
+
+
+def build_train_transform(
+    img_size: Size,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    randaugment: tuple[int, float] | None = None,
+    interpolation: str = "bicubic",
+) -> TrainTransform:
+    """Training augmentation; `randaugment` is (num_ops, magnitude 0-10), e.g. (2, 9)."""
+    return TrainTransform(
+        size=_pair(img_size),
+        mean=tuple(mean),
+        std=tuple(std),
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        randaugment=RandAugment(*randaugment) if randaugment else None,
+        resample=_resampling(interpolation),
+    )
+
+
+def build_eval_transform(
+    img_size: Size,
+    mean: Sequence[float],
+    std: Sequence[float],
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+) -> EvalTransform:
+    """Evaluation preprocessing: resize to img_size / crop_pct, centre crop img_size."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return EvalTransform(
+        _pair(img_size), tuple(mean), tuple(std), crop_pct, _resampling(interpolation)
+    )
+
+
+# --- Batch-level mixing -------------------------------------------------------------------
+
+
+def smooth_one_hot(targets: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Class indices [B] -> probabilities [B, K]: 1 - smoothing + smoothing / K on the target."""
+    off = smoothing / num_classes
+    soft = torch.full((targets.shape[0], num_classes), off, device=targets.device)
+    return soft.scatter_(1, targets.long().unsqueeze(1), 1.0 - smoothing + off)
+
+
+class MixupCutmix:
+    """Mix each batch with itself reversed: mixup blends images, cutmix pastes a box.
+
+    Per batch, with probability `prob`, one of the two is applied (cutmix with probability
+    `switch_prob` when both alphas are positive) with lambda ~ Beta(alpha, alpha). For cutmix
+    lambda is then set to the exact fraction of the image left unpasted, so the soft targets
+    match the pixels. Pairing with the reversed batch (as timm does) relies on the loader
+    having shuffled; it costs no extra randomness.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        label_smoothing: float = 0.1,
+    ) -> None:
+        if mixup_alpha <= 0 and cutmix_alpha <= 0:
+            raise ValueError("MixupCutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+        self.num_classes = num_classes
+        self.mixup_alpha = mixup_alpha
+        self.cutmix_alpha = cutmix_alpha
+        self.prob = prob
+        self.switch_prob = switch_prob
+        self.label_smoothing = label_smoothing
+
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        soft = smooth_one_hot(targets, self.num_classes, self.label_smoothing)
+        if torch.rand(()).item() >= self.prob:
+            return images, soft
+        use_cutmix = self.cutmix_alpha > 0 and (
+            self.mixup_alpha <= 0 or torch.rand(()).item() < self.switch_prob
+        )
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        partner = images.flip(0)
+        if use_cutmix:
+            images, lam = _paste_box(images, partner, lam)
+        else:
+            images = images * lam + partner * (1.0 - lam)
+        return images, soft * lam + soft.flip(0) * (1.0 - lam)
+
+
+def _paste_box(
+    images: torch.Tensor, partner: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, float]:
+    """Paste a box of area ~ (1 - lam) from `partner`; return the images and the true lambda."""
+    height, width = images.shape[-2:]
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = _randint(0, height), _randint(0, width)
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+    return mixed, 1.0 - (bottom - top) * (right - left) / (height * width)

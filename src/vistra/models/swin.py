@@ -1,0 +1,278 @@
+"""Swin Transformer (Liu et al. 2021): attention inside M x M windows, shifted every other
+block, and patch merging between stages, so cost grows linearly with image area.
+
+Tokens stay in a [B, H, W, C] map throughout; any image size works: the map is padded to a
+multiple of the window inside a block and cropped after, patch merging pads odd sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import (
+    AttentionRecorder,
+    DropPath,
+    Mlp,
+    attention,
+    check_image_batch,
+    drop_path_rates,
+    init_weights,
+)
+from .vit import to_2tuple
+
+MASK_VALUE = -100.0  # added to logits of token pairs from different regions, as the paper
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """[M*M, M*M] index into the (2M-1)^2 bias table:
+    (r_i - r_j + M - 1) * (2M - 1) + (c_i - c_j + M - 1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window),
+                                        indexing="ij")).flatten(1)  # [2, N]
+    rel = coords[:, :, None] - coords[:, None, :] + window - 1  # [2, N, N]
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, H, W, C] -> [B, nW, M*M, C], windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, -1, window * window, C)
+
+
+def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
+    """[B, nW, M*M, C] -> [B, H, W, C]."""
+    B, C = windows.shape[0], windows.shape[-1]
+    x = windows.view(B, H // window, W // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+
+def shift_window_mask(H: int, W: int, window: int, shift: int,
+                      device: torch.device | None = None) -> torch.Tensor:
+    """[nW, M*M, M*M] additive mask for the cyclically shifted map of H x W (multiples of M):
+    0 where two tokens of a window came from the same region, MASK_VALUE elsewhere.
+    Regions: the slices [0, -M), [-M, -shift), [-shift, end) on each axis."""
+    region = torch.zeros(H, W, device=device)
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    label = 0
+    for rows in bounds:
+        for cols in bounds:
+            region[rows, cols] = label
+            label += 1
+    ids = window_partition(region[None, :, :, None], window)[0, :, :, 0]  # [nW, N]
+    same = ids[:, :, None] == ids[:, None, :]
+    return torch.zeros(same.shape, device=device).masked_fill_(~same, MASK_VALUE)
+
+
+class PatchEmbed(nn.Module):
+    """4x4 patches (48 values for RGB) linearly embedded: Conv2d k=s=4, then LayerNorm.
+    [B, 3, H, W] -> [B, H/4, W/4, C]; sizes that 4 does not divide are padded."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]: concatenate the four sub-grids
+    x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], LayerNorm, Linear(4C, 2C)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class WindowAttention(nn.Module, AttentionRecorder):
+    """Multi-head attention within each window plus a learned relative position bias:
+    softmax(QK^T / sqrt(d) + B + mask) V."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool,
+                 qk_scale: float | None, attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window),
+                             persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """[heads, N, N] gathered from the table."""
+        N = self.window_size ** 2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(N, N, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, nW, N, C], mask [nW, N, N] or None -> [B, nW, N, C]."""
+        B, nW, N, C = x.shape
+        q, k, v = self.qkv(x).view(B, nW, N, 3, self.num_heads, -1).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self.relative_position_bias()
+        if mask is not None:
+            bias = bias + mask[:, None]  # [nW, heads, N, N]
+        x, weights = attention(q, k, v, bias=bias, scale=self.scale, need_weights=self.record,
+                               dropout_p=self.attn_drop if self.training else 0.0)
+        if self.record:
+            self.recorded = weights.detach()
+        return self.proj_drop(self.proj(x.transpose(2, 3).reshape(B, nW, N, C)))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: W-MSA when shift is 0, SW-MSA (cyclic shift + mask) otherwise."""
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinConfig,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.window_size, self.shift_size = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, cfg.qkv_bias, cfg.qk_scale,
+                                    cfg.attn_drop_rate, cfg.drop_rate)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+        self.drop_path2 = DropPath(drop_path)
+        self._masks: dict[tuple, torch.Tensor] = {}  # per padded resolution and device
+
+    def _mask(self, H: int, W: int, shift: int, device: torch.device) -> torch.Tensor | None:
+        if not shift:
+            return None
+        key = (H, W, device)
+        if key not in self._masks:
+            self._masks[key] = shift_window_mask(H, W, self.window_size, shift, device)
+        return self._masks[key]
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        M = self.window_size
+        # A map no larger than the window is attended as one window, without a shift.
+        shift = self.shift_size if min(H, W) > M else 0
+        pad_h, pad_w = -H % M, -W % M
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        if shift:
+            x = torch.roll(x, (-shift, -shift), dims=(1, 2))
+        x = self.attn(window_partition(x, M), self._mask(Hp, Wp, shift, x.device))
+        x = window_reverse(x, M, Hp, Wp)
+        if shift:
+            x = torch.roll(x, (shift, shift), dims=(1, 2))
+        return x[:, :H, :W] if pad_h or pad_w else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self._attend(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging (every stage but the first), then pairs of W-MSA / SW-MSA."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, window: int,
+                 shift: int, downsample: bool, cfg: SwinConfig, drop_paths: list[float]) -> None:
+        super().__init__()
+        self.downsample = PatchMerging(in_dim) if downsample else None
+        self.blocks = nn.Sequential(*[
+            SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
+            for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, cfg: SwinConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.img_size = to_2tuple(cfg.img_size)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        dpr = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
+        res = [-(-s // cfg.patch_size) for s in self.img_size]
+        stages, dim = [], cfg.embed_dim
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+            in_dim = dim
+            if i > 0:
+                res, dim = [-(-r // 2) for r in res], dim * 2
+            # As the paper: a stage whose map is no larger than the window gets one window
+            # covering it, and no shift.
+            window = min(cfg.window_size, *res)
+            shift = 0 if min(res) <= cfg.window_size else cfg.window_size // 2
+            start = sum(cfg.depths[:i])
+            stages.append(SwinStage(in_dim, dim, depth, heads, window, shift, i > 0, cfg,
+                                    dpr[start:start + depth]))
+        self.layers = nn.Sequential(*stages)
+        self.num_features = dim
+        self.norm = nn.LayerNorm(dim)
+        self.head: nn.Module = nn.Identity()
+        self.reset_classifier(cfg.num_classes)
+        self.apply(init_weights)
+        for m in self.modules():
+            if isinstance(m, WindowAttention):
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features if isinstance(self.head, nn.Linear) else 0
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes`; 0 makes the model return pooled features."""
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        init_weights(self.head)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> normalised feature map [B, H/32, W/32, 8C] (sizes rounded up)."""
+        check_image_batch(x, self.cfg.in_chans)
+        x = self.layers(self.pos_drop(self.patch_embed(x)))
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

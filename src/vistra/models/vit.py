@@ -1,0 +1,225 @@
+"""Vision Transformer (Dosovitskiy et al. 2020), DeiT (Touvron et al. 2021) and R50 hybrid.
+
+image [B, 3, H, W] -> patches [B, N, D] -> prepend class (+ distillation) token -> add
+position embedding -> pre-norm encoder blocks -> LayerNorm -> class token -> head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import (
+    AttentionRecorder,
+    DropPath,
+    Mlp,
+    attention,
+    check_image_batch,
+    drop_path_rates,
+    init_weights,
+)
+from .resample import resample_pos_embed
+from .resnetv2 import ResNetV2
+
+
+def to_2tuple(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None  # None: head_dim ** -0.5
+    representation_size: int | None = None  # pre-logits Linear + Tanh (ImageNet-21k weights)
+    distilled: bool = False  # DeiT: a distillation token and a second head
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    hybrid_depths: tuple[int, ...] | None = None  # ResNet-v2 stages before the patch embedding
+    dynamic_img_size: bool = False  # resample position embeddings per forward for any size
+
+
+class PatchEmbed(nn.Module):
+    """Conv with kernel = stride = patch: [B, C, H, W] -> [B, (H/p)(W/p), D]. In the hybrid,
+    a ResNet-v2 backbone runs first and the "patch" is one 1x1 position of its feature map."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.backbone = None
+        if cfg.hybrid_depths is not None:
+            self.backbone = ResNetV2(cfg.hybrid_depths, cfg.in_chans)
+            self.proj = nn.Conv2d(self.backbone.out_channels, cfg.embed_dim, 1)
+            self.reduction = self.backbone.reduction
+        else:
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+            self.reduction = cfg.patch_size
+
+    def grid_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        return img_size[0] // self.reduction, img_size[1] // self.reduction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is not None:
+            x = self.backbone(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module, AttentionRecorder):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_scale: float | None,
+                 attn_drop: float, proj_drop: float) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        x, weights = attention(q, k, v, scale=self.scale, need_weights=self.record,
+                               dropout_p=self.attn_drop if self.training else 0.0)
+        if self.record:
+            self.recorded = weights.detach()
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+class Block(nn.Module):
+    """x = x + DropPath(Attn(LN(x))); x = x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_scale,
+                              cfg.attn_drop_rate, cfg.drop_rate)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PreLogits(nn.Module):
+    """Linear(D, D) + Tanh of the ImageNet-21k checkpoints ("representation size")."""
+
+    def __init__(self, dim: int, size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.img_size = to_2tuple(cfg.img_size)
+        self.patch_embed = PatchEmbed(cfg)
+        for side in self.img_size:
+            if side % self.patch_embed.reduction:
+                raise ValueError(
+                    f"img_size {self.img_size} is not divisible by the patch size "
+                    f"{self.patch_embed.reduction}; use a multiple of {self.patch_embed.reduction}"
+                )
+        self.grid_size = self.patch_embed.grid_size(self.img_size)
+        self.num_prefix_tokens = 2 if cfg.distilled else 1
+        dim = cfg.embed_dim
+        self.num_features = cfg.representation_size or dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)) if cfg.distilled else None
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, dim))
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.Sequential(*[
+            Block(cfg, dp) for dp in drop_path_rates(cfg.drop_path_rate, cfg.depth)
+        ])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pre_logits = PreLogits(dim, cfg.representation_size) if cfg.representation_size else None
+        self.head: nn.Module = nn.Identity()
+        self.head_dist: nn.Module | None = None
+        self.reset_classifier(cfg.num_classes)
+        self.apply(init_weights)
+        for p in (self.pos_embed, self.cls_token, self.dist_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features if isinstance(self.head, nn.Linear) else 0
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head (two for the distilled model) for `num_classes`; 0 gives features."""
+        def make() -> nn.Module:
+            if not num_classes:
+                return nn.Identity()
+            head = nn.Linear(self.num_features, num_classes)
+            init_weights(head)
+            return head
+        self.head = make()
+        if self.cfg.distilled:
+            self.head_dist = make()
+
+    def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        pos_embed = self.pos_embed
+        if grid != self.grid_size:
+            if not self.cfg.dynamic_img_size:
+                size = (grid[0] * self.patch_embed.reduction, grid[1] * self.patch_embed.reduction)
+                raise ValueError(
+                    f"input of {size[0]}x{size[1]} pixels does not match the model's img_size "
+                    f"{self.img_size[0]}x{self.img_size[1]}; resize the input, create the model "
+                    f"with img_size={size[0]}, or with dynamic_img_size=True"
+                )
+            pos_embed = resample_pos_embed(pos_embed, grid, self.num_prefix_tokens, self.grid_size)
+        tokens = [self.cls_token.expand(x.shape[0], -1, -1)]
+        if self.dist_token is not None:
+            tokens.append(self.dist_token.expand(x.shape[0], -1, -1))
+        return self.pos_drop(torch.cat(tokens + [x], dim=1) + pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> normalised tokens [B, prefix + N, D]."""
+        check_image_batch(x, self.cfg.in_chans)
+        r = self.patch_embed.reduction
+        if x.shape[-2] % r or x.shape[-1] % r:
+            raise ValueError(
+                f"input height and width {tuple(x.shape[-2:])} must be multiples of the patch "
+                f"size {r}"
+            )
+        grid = (x.shape[-2] // r, x.shape[-1] // r)
+        x = self._pos_embed(self.patch_embed(x), grid)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Class token (and distillation token) -> logits. In training the distilled model
+        returns both heads' logits; in eval their mean."""
+        cls = x[:, 0]
+        if self.pre_logits is not None:
+            cls = self.pre_logits(cls)
+        if not self.cfg.distilled:
+            return cls if pre_logits else self.head(cls)
+        dist = x[:, 1]
+        if pre_logits:
+            return (cls + dist) / 2
+        logits, logits_dist = self.head(cls), self.head_dist(dist)
+        if self.training:
+            return logits, logits_dist
+        return (logits + logits_dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))

@@ -54,29 +54,32 @@ def _palette_with_transparency() -> Image.Image:
     return image
 
 
+def halves(mode, left, right):
+    """A 4x2 image in `mode`: colour `left` in columns 0-1, `right` in columns 2-3."""
+    image = Image.new(mode, (4, 2), left)
+    image.paste(right, (2, 0, 4, 2))
+    return image
+
+
 @pytest.mark.parametrize(
-    "name, make, left, right",
+    "make, expected_left, expected_right",
     [
-        ("gray", lambda: Image.fromarray(np.array([[0, 0, 200, 200]] * 2, np.uint8)), 0, 200),
-        ("palette", _palette_with_transparency, WHITE, BLUE),
-        (
-            "rgba",  # transparent left half over white; opaque blue right half
-            lambda: Image.fromarray(np.array([[(255, 0, 0, 0)] * 2 + [(0, 0, 255, 255)] * 2] * 2,
-                                             np.uint8)),
-            WHITE,
-            BLUE,
-        ),
-        ("gray_alpha", lambda: Image.new("LA", (4, 2), (0, 0)), WHITE, WHITE),
-        ("cmyk", lambda: Image.new("CMYK", (4, 2), (0, 0, 0, 0)), WHITE, WHITE),
+        (lambda: halves("L", 0, 200), (0, 0, 0), (200, 200, 200)),
+        (_palette_with_transparency, WHITE, BLUE),  # transparent entry -> white
+        (lambda: halves("RGBA", (255, 0, 0, 0), (0, 0, 255, 255)), WHITE, BLUE),
+        (lambda: halves("RGBA", (0, 0, 0, 128), (0, 0, 0, 255)), (127, 127, 127), (0, 0, 0)),
+        (lambda: halves("LA", (0, 0), (90, 255)), WHITE, (90, 90, 90)),
+        (lambda: halves("CMYK", (0, 0, 0, 0), (0, 255, 255, 0)), WHITE, RED),
     ],
+    ids=["L", "P+transparency", "RGBA", "RGBA-half", "LA", "CMYK"],
 )
-def test_modes_convert_to_rgb(tmp_path, name, make, left, right):
-    path = tmp_path / f"{name}.tif" if name == "cmyk" else tmp_path / f"{name}.png"
-    make().save(path)
+def test_modes_convert_to_rgb(tmp_path, make, expected_left, expected_right):
+    source = make()
+    path = tmp_path / ("image.tif" if source.mode == "CMYK" else "image.png")
+    source.save(path)
     image = load_rgb(path)
-    expect = [c if isinstance(c, tuple) else (c, c, c) for c in (left, right)]
     assert image.mode == "RGB"
-    assert [image.getpixel((0, 0)), image.getpixel((3, 1))] == expect
+    assert image.getpixel((0, 0)) == expected_left and image.getpixel((3, 1)) == expected_right
 
 
 def test_16_bit_is_scaled_not_clipped(tmp_path):

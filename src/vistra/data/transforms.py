@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 Size = int | tuple[int, int]
+Fill = tuple[int, int, int]
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -54,9 +55,6 @@ def _randint(low: int, high: int) -> int:
 # --- RandAugment -------------------------------------------------------------------------
 # Each op takes the image, a level in [0, 1] (signed for symmetric ops) and the fill colour.
 # At level 1 (magnitude 10) the ops reach the maxima of torchvision's RandAugment.
-
-
-Fill = tuple[int, int, int]
 
 
 def _identity(image: Image.Image, level: float, fill: Fill) -> Image.Image:

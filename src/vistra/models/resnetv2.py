@@ -1,8 +1,9 @@
 """ResNet-v2-style backbone of the R50+ViT hybrid: weight-standardised convs, GroupNorm.
 
-Google's released hybrid was trained in TensorFlow with "SAME" padding, which pads strided
-convolutions and pooling asymmetrically (more on the bottom/right). We compute exactly that,
-or those weights give wrong outputs.
+Google's released hybrid (vit_jax, Flax) was trained with TensorFlow "SAME" padding, which pads
+strided convolutions and pooling asymmetrically (more on the bottom/right), kernels
+standardised as (w - mean) / (std + 1e-5) and GroupNorm eps 1e-6 (Flax's default). We compute
+exactly that, or those weights give wrong outputs.
 """
 
 from __future__ import annotations
@@ -30,25 +31,29 @@ def pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> t
 
 
 class StdConv2dSame(nn.Conv2d):
-    """Conv2d whose kernel is standardised (zero mean, unit variance per output channel) on
-    every forward, with TF SAME padding. Weight standardisation lets GroupNorm replace
-    BatchNorm without losing accuracy at small per-device batches."""
+    """Conv2d whose kernel is standardised (zero mean, unit standard deviation per output
+    channel) on every forward, with TF SAME padding. Weight standardisation lets GroupNorm
+    replace BatchNorm without losing accuracy at small per-device batches.
+
+    The eps is added to the standard deviation, not the variance, as in Google's
+    `weight_standardize`: the released weights were trained with exactly this."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1,
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-5) -> None:
         super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=0, bias=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        w = F.batch_norm(w.reshape(1, self.out_channels, -1), None, None,
-                         training=True, momentum=0.0, eps=self.eps).reshape_as(w)
+        mean = w.mean(dim=(1, 2, 3), keepdim=True)
+        std = w.std(dim=(1, 2, 3), keepdim=True, correction=0)
+        w = (w - mean) / (std + self.eps)
         x = pad_same(x, self.kernel_size[0], self.stride[0])
         return F.conv2d(x, w, self.bias, self.stride, 0)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-5)
+    return nn.GroupNorm(32, channels, eps=1e-6)  # Flax's default, which Google's weights use
 
 
 class Bottleneck(nn.Module):

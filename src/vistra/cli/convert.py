@@ -1,0 +1,35 @@
+"""`vistra convert SRC DST --model NAME`: third-party weights -> a vistra checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from vistra.weights import convert_checkpoint
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert", help="convert timm / torchvision / HuggingFace / Google / Swin weights",
+        description="Load weights from timm (.pth, .bin, .safetensors), the Swin authors, "
+                    "Google's ViT .npz, torchvision or HuggingFace into a vistra model and save "
+                    "them as a vistra .safetensors checkpoint that carries the model's config, "
+                    "so it loads later with no other file. Nothing in SRC is ever executed.")
+    p.add_argument("src", help="weights file, or a HuggingFace model directory")
+    p.add_argument("dst", help="output checkpoint, ending in .safetensors")
+    p.add_argument("--model", required=True,
+                   help="registered model name the weights are for (see `vistra models`)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the output head (default: as many as the file's head; "
+                        "another number gives a freshly initialised head)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input size in pixels (default: the model's; another size resamples "
+                        "the position embeddings)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = convert_checkpoint(args.src, args.dst, args.model, num_classes=args.num_classes,
+                                img_size=args.img_size)
+    print(report)
+    print(f"wrote {args.dst}")
+    return 0

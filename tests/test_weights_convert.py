@@ -3,6 +3,7 @@ takes vistra checkpoints too."""
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import vistra
 from vistra.cli import main
@@ -69,3 +70,14 @@ def test_pretrained_accepts_a_vistra_checkpoint(tmp_path):
     model = vistra.create_model(NAME, depth=2, num_classes=4,
                                 pretrained=tmp_path / "mine.safetensors")
     torch.testing.assert_close(outputs(model), outputs(source))
+
+
+def test_create_model_takes_the_class_count_of_the_file_unless_told_otherwise(tmp_path):
+    source = vistra.create_model("vit_tiny_patch16_224", depth=1, num_classes=5)
+    path = tmp_path / "five.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    same = vistra.create_model("vit_tiny_patch16_224", depth=1, pretrained=path)
+    assert same.num_classes == 5 and not same.load_report.reinitialised
+    torch.testing.assert_close(same.head.weight, source.head.weight)
+    other = vistra.create_model("vit_tiny_patch16_224", depth=1, pretrained=path, num_classes=3)
+    assert other.num_classes == 3 and other.load_report.reinitialised

@@ -65,24 +65,24 @@ def read_pretrained(path: str | os.PathLike) -> Pretrained:
 
 
 def apply_pretrained(model: nn.Module, pretrained: Pretrained) -> LoadReport:
-    """Fit the converted weights to `model` and load them."""
+    """Fit the converted weights to `model` and load them.
+
+    The report is also logged to "vistra.weights": as a warning when the model now differs
+    from the file (a fresh head, resampled embeddings), so users see it by default."""
     fitted = fit_to_model(model, pretrained.state, pretrained.origin)
     with torch.no_grad():
         model.load_state_dict(fitted.state)
-    return LoadReport(
+    report = LoadReport(
         pretrained.origin, getattr(model, "name", type(model).__name__), pretrained.layout,
         pretrained.container, fitted.loaded, fitted.reinitialised, fitted.dropped,
         fitted.changes, pretrained.notes + fitted.notes,
     )
+    logger.log(logging.WARNING if report.changes else logging.INFO, "%s", report)
+    return report
 
 
 def load_pretrained(model: nn.Module, path: str | os.PathLike) -> LoadReport:
     """Load timm, Swin-authors, Google .npz, torchvision, HuggingFace or vistra weights into
     `model`. Never runs code from the file; raises ValueError when the file is unreadable,
-    unsafe, or does not fit the model (naming the model it most likely belongs to).
-
-    The report is also logged to "vistra.weights": as a warning when the model now differs
-    from the file (a fresh head, resampled embeddings), so users see it by default."""
-    report = apply_pretrained(model, read_pretrained(path))
-    logger.log(logging.WARNING if report.changes else logging.INFO, "%s", report)
-    return report
+    unsafe, or does not fit the model (naming the model it most likely belongs to)."""
+    return apply_pretrained(model, read_pretrained(path))

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One module per sub-command, each with `register(subparsers)` that sets `func`.
-COMMANDS = ["models"]
+COMMANDS = ["models", "data", "train", "eval", "predict", "demo", "convert", "flops", "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:

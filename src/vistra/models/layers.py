@@ -20,22 +20,40 @@ def attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(q k^T * scale + bias) v over the last two dims.
+    """softmax(q k^T * scale + bias) v over the last two dims; q, k, v [..., heads, N, d].
 
-    The fused SDPA kernel is the normal path; the explicit path exists only so analysis can
-    look at the attention weights (it is the same maths, kept side by side on purpose).
+    The fused SDPA kernel is the normal path. The explicit path, the same maths, serves when
+    the weights are asked for (analysis) and when the bias needs a gradient (Swin's table in
+    training): no fused CPU kernel differentiates its mask, and SDPA's own fallback for that
+    case adds masking checks the explicit path does not need.
     """
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    if not need_weights:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-        return out, None
+    if not (need_weights or (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
+        return _fused_attention(q, k, v, bias, scale, dropout_p), None
     weights = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         weights = weights + bias
     weights = weights.softmax(dim=-1)
     out = F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v
-    return out, weights
+    return out, weights if need_weights else None
+
+
+def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None, scale: float, dropout_p: float) -> torch.Tensor:
+    """SDPA over 4-D inputs. Its CPU flash kernel takes only [batch, heads, N, d] and a 4-D
+    (or 2-D) mask: anything else runs the slow math path. So extra leading dims (Swin's
+    windows) are folded into the batch, a bias that varies along them is expanded to match,
+    and a per-head bias [heads, N, N] gets its batch dim."""
+    lead = q.shape[:-3]
+    if len(lead) != 1:
+        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+        if bias is not None and bias.ndim > 3:
+            bias = bias.expand(*lead, *bias.shape[-3:]).reshape(-1, *bias.shape[-3:])
+    if bias is not None and bias.ndim == 3:
+        bias = bias[None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    return out.view(*lead, *out.shape[-3:])
 
 
 class AttentionRecorder:
@@ -79,19 +97,88 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+# oneDNN's linear adds the bias, and optionally GELU, inside the GEMM; addmm first writes the
+# bias into the whole output in a separate pass, and GELU is one more. On CPU in fp32 that is
+# 17% (27% with GELU) less time for Swin-T's layers; in bf16 no gain (benchmarks/README.md).
+_fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused CPU linear serves fp32 inference: it has no autograd formula, and under
+    autocast the ordinary path is the one that casts to bf16."""
+    return (_fused_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) taking oneDNN's fused-bias GEMM
+    when `fused_linear_applies`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_linear_applies(x, self.weight):
+            return _fused_linear(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
 class Mlp(nn.Module):
     """Linear(D, hD) - GELU - Dropout - Linear(hD, D) - Dropout."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        # fc1 and GELU as one oneDNN call, unless someone hooks fc1 or act to watch them.
+        if (fused_linear_applies(x, self.fc1.weight) and self.act.approximate == "none"
+                and not (self.fc1._forward_hooks or self.act._forward_hooks)):
+            x = _fused_linear(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
+        else:
+            x = self.act(self.fc1(x))
+        return self.drop2(self.fc2(self.drop1(x)))
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch. Without autograd, written into `branch` (a fresh intermediate of the
+    block): one allocation less per residual, and on CPU a fresh allocation costs page
+    faults that take longer than the add itself (benchmarks/README.md)."""
+    if (torch.is_grad_enabled() or branch.shape != x.shape or branch.dtype != x.dtype
+            or not branch.is_contiguous()):
+        return x + branch
+    return branch.add_(x)
+
+
+class ConvStem(nn.Module):
+    """3x3 conv-BatchNorm-ReLU layers in place of the single patchify conv (Xiao et al. 2021,
+    "Early convolutions help transformers see better"): on small images and short schedules
+    they give each token local features that one linear patch cannot, for few extra MACs.
+
+    The last log2(stride) layers have stride 2, so the stem shrinks the image by `stride`
+    exactly as a patch of that size would. [B, C, H, W] -> [B, widths[-1], H/stride, W/stride].
+    """
+
+    def __init__(self, in_chans: int, widths: tuple[int, ...], stride: int) -> None:
+        super().__init__()
+        halvings = stride.bit_length() - 1
+        if stride != 2**halvings or halvings > len(widths):
+            raise ValueError(f"a conv stem needs a power-of-two patch size and at least "
+                             f"log2(patch) layers; got patch {stride} and widths {widths}")
+        layers: list[nn.Module] = []
+        for i, width in enumerate(widths):
+            step = 2 if i >= len(widths) - halvings else 1
+            layers += [nn.Conv2d(in_chans, width, 3, step, 1, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            in_chans = width
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = widths[-1]
+        self.reduction = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:

@@ -13,8 +13,11 @@ from torch import nn
 
 from .layers import (
     AttentionRecorder,
+    ConvStem,
     DropPath,
+    Linear,
     Mlp,
+    add_residual,
     attention,
     check_image_batch,
     drop_path_rates,
@@ -47,17 +50,24 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     hybrid_depths: tuple[int, ...] | None = None  # ResNet-v2 stages before the patch embedding
     dynamic_img_size: bool = False  # resample position embeddings per forward for any size
+    conv_stem: tuple[int, ...] = ()  # widths of 3x3 convs replacing the patch conv (small images)
 
 
 class PatchEmbed(nn.Module):
     """Conv with kernel = stride = patch: [B, C, H, W] -> [B, (H/p)(W/p), D]. In the hybrid,
-    a ResNet-v2 backbone runs first and the "patch" is one 1x1 position of its feature map."""
+    a ResNet-v2 backbone runs first and the "patch" is one 1x1 position of its feature map;
+    with `conv_stem` a few 3x3 convs do the same job on small images."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        self.backbone = None
+        self.backbone: nn.Module | None = None
+        if cfg.hybrid_depths is not None and cfg.conv_stem:
+            raise ValueError("choose hybrid_depths or conv_stem, not both")
         if cfg.hybrid_depths is not None:
             self.backbone = ResNetV2(cfg.hybrid_depths, cfg.in_chans)
+        elif cfg.conv_stem:
+            self.backbone = ConvStem(cfg.in_chans, tuple(cfg.conv_stem), cfg.patch_size)
+        if self.backbone is not None:
             self.proj = nn.Conv2d(self.backbone.out_channels, cfg.embed_dim, 1)
             self.reduction = self.backbone.reduction
         else:
@@ -81,9 +91,9 @@ class Attention(nn.Module, AttentionRecorder):
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +121,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = add_residual(x, self.drop_path1(self.attn(self.norm1(x))))
+        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))))
 
 
 class PreLogits(nn.Module):

@@ -1,0 +1,69 @@
+"""`vistra benchmark NAME`: images/s, latency, achieved GFLOP/s against this machine's GEMM
+peak, and peak memory; optionally next to HuggingFace transformers' equivalent model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from vistra.analysis.benchmark import DTYPES, MODES, Report, benchmark
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark", help="measure images/s, latency, GFLOP/s against the GEMM peak, memory",
+        description="Time a model on random images: median step time over repeated rounds "
+                    "after warm-up, images/s, achieved GFLOP/s as a fraction of a large "
+                    "torch.mm timed in the same rounds, and peak memory of one step. With "
+                    "--compare hf, HuggingFace transformers' equivalent model runs in the same "
+                    "process, interleaved round by round.")
+    p.add_argument("name", help="a registered model name (see `vistra models`)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="square input size (default: the model's)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                   help="fp32, or bf16 autocast end to end (default fp32)")
+    p.add_argument("--mode", choices=MODES, default="infer",
+                   help="infer: forward under inference_mode; train: forward, backward and an "
+                        "AdamW step (default infer)")
+    p.add_argument("--compile", action="store_true",
+                   help="run vistra's model through torch.compile (compiling takes minutes "
+                        "on a small CPU; warm-up includes it)")
+    p.add_argument("--compare", choices=["hf"], default=None,
+                   help="also run HuggingFace transformers' equivalent (random init, same "
+                        "numbers) and print the images/s ratio")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the peak-memory step (it runs once more under the profiler)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = benchmark(args.name, batch_size=args.batch_size, img_size=args.img_size,
+                       dtype=args.dtype, mode=args.mode, compile=args.compile,
+                       compare=args.compare, repeats=args.repeats, warmup=args.warmup,
+                       measure_memory=not args.no_memory)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
+    return 0
+
+
+def render(report: Report) -> str:
+    head = (f"{'model':<30} {'impl':<7} {'mode':<5} {'dtype':<5} {'batch':>5} {'img/s':>8} "
+            f"{'latency ms':>11} {'GFLOP/s':>8} {'of peak':>8} {'peak MB':>8}")
+    lines = [head]
+    for r in report.results:
+        impl = r.impl + ("+c" if r.compiled else "")
+        memory = "-" if math.isnan(r.peak_memory_mb) else f"{r.peak_memory_mb:.0f}"
+        lines.append(f"{r.model:<30} {impl:<7} {r.mode:<5} {r.dtype:<5} {r.batch_size:>5} "
+                     f"{r.images_per_s:>8.2f} {r.latency_ms:>11.1f} {r.achieved_gflops:>8.1f} "
+                     f"{r.fraction_of_peak:>8.0%} {memory:>8}")
+    lines.append(f"GEMM peak (same run): {report.gemm_peak_gflops:.1f} GFLOP/s "
+                 f"on {report.threads} threads")
+    speedup = report.speedup()
+    if speedup is not None:
+        lines.append(f"vistra / HuggingFace images/s: {speedup:.2f}x")
+    lines += [f"- {note}" for note in report.notes]
+    return "\n".join(lines)

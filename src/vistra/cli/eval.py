@@ -1,0 +1,55 @@
+"""`vistra eval CHECKPOINT --data DIR`: accuracy, per-class precision/recall, confusion."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vistra.analysis.plots import plot_confusion_matrix
+from vistra.evaluate import evaluate_checkpoint
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on an image folder",
+        description="Evaluate a vistra checkpoint on labelled images: top-1, top-5, per-class "
+                    "precision and recall, and the confusion matrix (printed and as a PNG).")
+    p.add_argument("checkpoint", help="a .safetensors written by `vistra train`")
+    p.add_argument("--data", required=True, metavar="DIR",
+                   help="class-per-folder images (all are evaluated), or a folder with train/ "
+                        "and val/ or test/ (the val/test part is evaluated)")
+    p.add_argument("--holdout", action="store_true",
+                   help="evaluate only the validation images training held out of a "
+                        "class-per-folder DIR (same seed and fraction as the run)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (top1, top5, per_class, confusion, ...)")
+    p.add_argument("--plot", metavar="PATH",
+                   help="confusion matrix PNG (default: confusion_<DIR name>.png beside the "
+                        "checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="data-loading worker processes (default: 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report, skipped = evaluate_checkpoint(args.checkpoint, args.data, holdout=args.holdout,
+                                          batch_size=args.batch_size, workers=args.workers,
+                                          device=args.device)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    data_name = Path(args.data).resolve().name
+    plot = Path(args.plot or Path(args.checkpoint).parent / f"confusion_{data_name}.png")
+    plot_confusion_matrix(report.totals.confusion.numpy(), report.classes, plot,
+                          title=f"{Path(args.checkpoint).name} on {data_name}: "
+                                f"top-1 {100 * report.totals.top1:.1f}%")
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        print(f"confusion matrix plot: {plot}", file=sys.stderr)
+    else:
+        print(report.format())
+        print(f"\nconfusion matrix plot: {plot}")
+    return 0

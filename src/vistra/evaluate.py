@@ -1,0 +1,199 @@
+"""Evaluate a model on labelled images: top-1, top-5, per-class precision and recall, and the
+confusion matrix from which they all follow.
+
+Used for validation during training (where each process evaluates its shard and the sums are
+added up) and by `vistra eval` on a checkpoint alone: the checkpoint carries the model, its
+class names and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vistra.data import ImageFolderDataset, build_eval_transform, scan_image_folder
+from vistra.weights import load_checkpoint, read_metadata
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Luminance:
+    """Feeds a model built with in_chans=1: the image's grey level, normalised with the first
+    channel's mean and std. A class so that DataLoader workers can pickle it."""
+
+    transform: Transform
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert("L").convert("RGB"))[:1]
+
+
+def fit_channels(transform: Transform, in_chans: int) -> Transform:
+    """Adapt an RGB transform to the model's input channels (3, or 1 for grey-level models)."""
+    if in_chans == 3:
+        return transform
+    if in_chans == 1:
+        return Luminance(transform)
+    raise ValueError(f"the model takes {in_chans} input channels; vistra's image pipeline "
+                     "feeds 3 (RGB) or 1 (grey level)")
+
+
+def eval_transform(model: nn.Module) -> Transform:
+    """The preprocessing the model's data_config prescribes: resize, centre crop, normalise."""
+    dc = model.data_config
+    transform = build_eval_transform(dc.img_size, dc.mean, dc.std, dc.crop_pct, dc.interpolation)
+    return fit_channels(transform, model.arch.in_chans)
+
+
+def mean_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A distilled DeiT in training mode returns (logits, logits_dist): use their mean."""
+    return torch.stack(output).mean(0) if isinstance(output, tuple) else output
+
+
+@dataclass
+class EvalTotals:
+    """Sums that add up across batches and processes; the metrics derive from them."""
+
+    loss_sum: float
+    top5_correct: int
+    confusion: torch.Tensor  # [K, K] int64: rows true class, columns predicted class
+
+    @property
+    def count(self) -> int:
+        return int(self.confusion.sum())
+
+    @property
+    def top1(self) -> float:
+        return float(self.confusion.diag().sum()) / max(self.count, 1)
+
+    @property
+    def top5(self) -> float:
+        return self.top5_correct / max(self.count, 1)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    def as_tensor(self) -> torch.Tensor:
+        head = torch.tensor([self.loss_sum, self.top5_correct], dtype=torch.float64)
+        return torch.cat([head, self.confusion.flatten().double()])
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor, num_classes: int) -> EvalTotals:
+        confusion = values[2:].round().long().reshape(num_classes, num_classes)
+        return cls(float(values[0]), int(values[1]), confusion)
+
+
+@torch.no_grad()
+def run_evaluation(model: nn.Module, loader: DataLoader, num_classes: int,
+                   device: torch.device, bf16: bool = False) -> EvalTotals:
+    """Cross-entropy, top-5 hits and the confusion matrix of `model` over `loader`."""
+    model.eval()
+    loss_sum, top5 = 0.0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    k = min(5, num_classes)
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = mean_logits(model(images)).float()
+        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+        top5 += int((logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum())
+        pairs = (targets * num_classes + logits.argmax(1)).cpu()
+        confusion += torch.bincount(pairs, minlength=num_classes ** 2).view_as(confusion)
+    return EvalTotals(loss_sum, top5, confusion)
+
+
+@dataclass
+class EvalReport:
+    """What `vistra eval` shows; `to_dict()` is its --json output."""
+
+    classes: list[str]
+    totals: EvalTotals
+
+    def per_class(self) -> list[dict]:
+        """Precision and recall per class (None where undefined: nothing predicted/present)."""
+        confusion = self.totals.confusion
+        hits = confusion.diag().tolist()
+        predicted, present = confusion.sum(0).tolist(), confusion.sum(1).tolist()
+        return [{"class": name,
+                 "precision": hits[i] / predicted[i] if predicted[i] else None,
+                 "recall": hits[i] / present[i] if present[i] else None,
+                 "support": present[i]}
+                for i, name in enumerate(self.classes)]
+
+    def to_dict(self) -> dict:
+        return {"top1": self.totals.top1, "top5": self.totals.top5, "loss": self.totals.loss,
+                "images": self.totals.count, "classes": self.classes,
+                "per_class": self.per_class(), "confusion": self.totals.confusion.tolist()}
+
+    def format(self) -> str:
+        """A plain-text report: headline accuracy, per-class table, confusion matrix."""
+        t = self.totals
+        lines = [f"images: {t.count}   top-1: {100 * t.top1:.2f}%   top-5: {100 * t.top5:.2f}%"
+                 f"   loss: {t.loss:.4f}", ""]
+        width = max(len("class"), *(len(name) for name in self.classes))
+        lines.append(f"{'class':<{width}}  precision  recall  support")
+        for row in self.per_class():
+            p, r = (("   -" if v is None else f"{100 * v:5.1f}%") for v in
+                    (row["precision"], row["recall"]))
+            lines.append(f"{row['class']:<{width}}  {p:>9}  {r:>6}  {row['support']:>7}")
+        lines += ["", "confusion matrix (rows: true class, columns: predicted, in class order)"]
+        cell = max(4, len(str(int(t.confusion.max()))) + 1)
+        for name, row in zip(self.classes, t.confusion.tolist(), strict=True):
+            lines.append(f"{name:<{width}} " + "".join(f"{v:>{cell}}" for v in row))
+        return "\n".join(lines)
+
+
+def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
+    """The images of `data` to evaluate, labelled with the checkpoint's class indices."""
+    if holdout is not None:
+        split = scan_image_folder(data, holdout["val_fraction"], holdout["seed"])
+        samples = split.val
+    else:
+        split = scan_image_folder(data, val_fraction=0.0)
+        samples = split.val if split.split_source == "folders" else split.train
+    unknown = sorted(set(split.classes) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"{data} has class folders the checkpoint does not know: {', '.join(unknown)}; "
+            f"its classes are {', '.join(classes)}. Rename or remove those folders."
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    return [(path, index[split.classes[label]]) for path, label in samples], split.skipped
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
+                        holdout: bool = False, batch_size: int = 64, workers: int = 0,
+                        device: str = "cpu") -> tuple[EvalReport, list[tuple[Path, str]]]:
+    """Evaluate a vistra checkpoint on an image folder; return the report and skipped files.
+
+    `data` is class-per-folder (every image is evaluated) or holds train/ and val/ or test/
+    (the val/test part is evaluated). With `holdout`, evaluate exactly the validation images
+    that training held out of a class-per-folder `data` (same seed and fraction). Folders are
+    matched to the checkpoint's classes by name; a folder may lack some classes.
+    """
+    model = load_checkpoint(checkpoint, device=device)
+    if not model.classes:
+        raise ValueError(f"{checkpoint} records no class names; save it with "
+                         "save_checkpoint(..., classes=[...]) to evaluate it on a folder")
+    split_info = None
+    if holdout:
+        split_info = (read_metadata(checkpoint) or {}).get("extra", {}).get("split")
+        if split_info is None:
+            raise ValueError(f"{checkpoint} does not record how training split its data; "
+                             "--holdout works with checkpoints written by `vistra train`")
+    samples, skipped = _labelled_samples(Path(data), model.classes, split_info)
+    if not samples:
+        raise ValueError(f"{data} holds no images to evaluate")
+    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model)),
+                        batch_size=batch_size, num_workers=workers)
+    totals = run_evaluation(model, loader, len(model.classes), torch.device(device))
+    return EvalReport(list(model.classes), totals), skipped

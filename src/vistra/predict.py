@@ -1,0 +1,145 @@
+"""Classify images with a checkpoint: top-k classes with probabilities, as text, JSON or CSV,
+and optionally copies of the images with the top label drawn on them.
+
+A vistra checkpoint carries the architecture, the class names and the preprocessing, so
+nothing but the checkpoint and the images is needed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from vistra.data import ImageLoadError, is_image_file, load_rgb
+
+from .evaluate import eval_transform, mean_logits
+
+FORMATS = ("text", "json", "csv")
+_MIN_ANNOTATED_WIDTH = 320  # small images are enlarged so the label stays legible
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    topk: list[tuple[str, float]]  # (class name, probability), most likely first
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand folders (recursively, image file types only, sorted); keep files as given.
+
+    Returns the images and (path, reason) for inputs that do not exist or hold no images.
+    """
+    images, missing = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                missing.append((item, "folder holds no image files"))
+            images += found
+        elif item.is_file():
+            images.append(item)
+        else:
+            missing.append((item, "no such file or folder"))
+    return images, missing
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], *, topk: int = 5,
+                   batch_size: int = 32) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Top-k predictions for each readable image; unreadable ones come back with a reason.
+
+    `model` needs `.classes` (as from vistra.weights.load_checkpoint) and `.data_config`.
+    """
+    if not getattr(model, "classes", None):
+        raise ValueError("the model has no class names (.classes); load it with "
+                         "vistra.weights.load_checkpoint from a checkpoint that records them")
+    transform = eval_transform(model)
+    device = next(model.parameters()).device
+    model.eval()
+    k = min(topk, len(model.classes))
+    predictions, failed = [], []
+    batch: list[tuple[Path, torch.Tensor]] = []
+
+    def flush() -> None:
+        probs = mean_logits(model(torch.stack([x for _, x in batch]).to(device))).softmax(1)
+        values, indices = probs.topk(k, dim=1)
+        for (path, _), vs, ix in zip(batch, values.tolist(), indices.tolist(), strict=True):
+            topk_named = [(model.classes[i], v) for i, v in zip(ix, vs, strict=True)]
+            predictions.append(Prediction(path, topk_named))
+        batch.clear()
+
+    for path in map(Path, paths):
+        try:
+            batch.append((path, transform(load_rgb(path))))
+        except ImageLoadError as err:
+            failed.append((path, err.reason))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return predictions, failed
+
+
+def format_predictions(predictions: list[Prediction], fmt: str = "text") -> str:
+    """text: one line per image; json: a list of {path, topk: [{class, probability}]};
+    csv: one row per (image, rank) with a header."""
+    if fmt == "json":
+        return json.dumps([{"path": str(p.path),
+                            "topk": [{"class": c, "probability": v} for c, v in p.topk]}
+                           for p in predictions], indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "rank", "class", "probability"])
+        for p in predictions:
+            writer.writerows((str(p.path), rank, c, f"{v:.6f}")
+                             for rank, (c, v) in enumerate(p.topk, 1))
+        return out.getvalue().rstrip("\n")
+    if fmt == "text":
+        return "\n".join(f"{p.path}: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in p.topk)
+                         for p in predictions)
+    raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def annotate(prediction: Prediction, out_path: str | os.PathLike) -> Path:
+    """Write a copy of the image with its top class and probability on a banner at the top."""
+    image = load_rgb(prediction.path)
+    if image.width < _MIN_ANNOTATED_WIDTH:
+        factor = _MIN_ANNOTATED_WIDTH / image.width
+        image = image.resize((_MIN_ANNOTATED_WIDTH, max(1, round(image.height * factor))),
+                             Image.Resampling.NEAREST)
+    name, prob = prediction.topk[0]
+    font = ImageFont.load_default(size=max(12, image.width // 20))
+    text = f"{name} {100 * prob:.1f}%"
+    left, top, right, bottom = font.getbbox(text)
+    pad = max(2, (bottom - top) // 4)
+    draw = ImageDraw.Draw(image, "RGBA")
+    draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0, 170))
+    draw.text((pad - left, pad - top), text, font=font, fill=(255, 255, 255))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out_path)
+    return out_path
+
+
+def annotate_all(predictions: list[Prediction], outdir: str | os.PathLike) -> list[Path]:
+    """Annotated copies in `outdir` under the images' own names (numbered if names repeat)."""
+    outdir, written, used = Path(outdir), [], set()
+    for p in predictions:
+        suffix = p.path.suffix if is_image_file(p.path) else ".png"  # one Pillow can write
+        name, n = p.path.stem + suffix, 1
+        while name in used:
+            n += 1
+            name = f"{p.path.stem}_{n}{suffix}"
+        used.add(name)
+        written.append(annotate(p, outdir / name))
+    return written

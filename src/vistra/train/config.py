@@ -1,0 +1,205 @@
+"""TrainConfig: every training option in one typed place.
+
+The same dataclass is filled from Python (`TrainConfig(data=..., model=...)`), from a YAML
+recipe (`load_config`) and from the command line (whose options are generated from these
+fields), so a recipe, a script and a shell command mean exactly the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A field whose help text the command line shows, next to the option it generates."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train on what ---
+    data: str | None = _opt(None, "image folder: <class>/<images> or train/ + val/ (or test/)")
+    model: str | None = _opt(None, "registered model name, e.g. vit_base_patch16_224 "
+                                   "(see `vistra models`)")
+    weights: str | None = _opt(None, "checkpoint file to start from (timm, official Swin, "
+                                     "Google .npz, torchvision, HuggingFace or vistra)")
+    output: str | None = _opt(None, "run directory (default: runs/<model>-<date>-<time>)")
+    img_size: int | None = _opt(None, "input size in pixels (default: the model's)")
+    in_chans: int | None = _opt(None, "3 for RGB (default) or 1 to feed the images' luminance")
+    drop_path: float | None = _opt(None, "stochastic depth rate (default: the model's, 0)")
+    model_kwargs: dict[str, Any] = _opt({}, "other model options, e.g. {patch_size: 4, "
+                                            "depth: 6}; on the command line --model-arg "
+                                            "KEY=VALUE (repeatable)")
+    crop_pct: float | None = _opt(None, "evaluation centre-crop fraction (default: the model's)")
+    # --- data ---
+    val_fraction: float = _opt(0.2, "share of each class held out for validation when the "
+                                    "folder has no val/ or test/ part")
+    batch_size: int = _opt(32, "images per step on each process (under torchrun the global "
+                               "batch is this times the number of processes)")
+    workers: int = _opt(2, "data-loading worker processes per training process (0: none)")
+    scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
+    hflip: float = _opt(0.5, "probability of a horizontal flip")
+    randaugment_ops: int = _opt(0, "RandAugment ops per image (0: off; 2 is usual)")
+    randaugment_magnitude: float = _opt(9.0, "RandAugment magnitude, 0-10")
+    mixup: float = _opt(0.0, "mixup alpha (0: off; 0.8 is usual)")
+    cutmix: float = _opt(0.0, "cutmix alpha (0: off; 1.0 is usual)")
+    mix_prob: float = _opt(1.0, "probability that a batch is mixed when mixup/cutmix is on")
+    mix_switch_prob: float = _opt(0.5, "probability of cutmix rather than mixup when both on")
+    label_smoothing: float = _opt(0.0, "label smoothing (0.1 is usual)")
+    # --- optimisation ---
+    epochs: int = _opt(10, "training epochs")
+    optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = _opt(1e-4, "peak learning rate (not scaled with batch size or processes)")
+    lrf: float = _opt(0.01, "final learning rate as a fraction of lr (cosine schedule)")
+    warmup_epochs: float = _opt(0.0, "epochs of linear warmup from 0 to lr")
+    weight_decay: float = _opt(0.05, "weight decay (never on norms, biases, tokens, position "
+                                     "embeddings or relative position bias tables)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    clip_grad: float | None = _opt(None, "clip the gradient norm to this value (default: off)")
+    freeze_layers: bool = _opt(False, "train only the head (and pre-logits), freeze the rest")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights")
+    ema_decay: float = _opt(0.999, "EMA decay per step")
+    bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
+    # --- run ---
+    seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
+    threads: int | None = _opt(None, "CPU threads per training process (default: torch's "
+                                     "choice; 1 avoids contention when cores are shared)")
+    device: str | None = _opt(None, "cpu, cuda, cuda:1, ... (default: cuda if available; under "
+                                    "torchrun each process uses its LOCAL_RANK GPU)")
+    quiet: bool = _opt(False, "no progress bars or per-epoch lines")
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if self.in_chans not in (None, 1, 3):
+            raise ValueError(f"in_chans must be 1 or 3 (images are decoded as RGB), "
+                             f"got {self.in_chans}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.workers}")
+
+    def require_inputs(self) -> None:
+        """Training needs a folder and a model; a config file may leave them to the CLI."""
+        for name in ("data", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"no {name} given: pass --{name} or set `{name}:` in the "
+                                 "--config file")
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Keyword arguments for `create_model` beyond name, weights and classes."""
+        named = {"img_size": self.img_size, "in_chans": self.in_chans,
+                 "drop_path_rate": self.drop_path}
+        options = {"img_size": "img_size", "in_chans": "in_chans", "drop_path_rate": "drop_path",
+                   "num_classes": "data (the number of class folders)"}
+        for key in self.model_kwargs:
+            if key in options:
+                raise ValueError(f"model_kwargs must not set {key}; it comes from the "
+                                 f"{options[key]} option")
+        return {**self.model_kwargs, **{k: v for k, v in named.items() if v is not None}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so it can go into YAML, JSON and a weights_only checkpoint."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a TrainConfig from loosely typed values (YAML, CLI), checking names and types.
+
+    Keys may use '-' or '_'. Integers are accepted for float options and lists for pairs.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    converted = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"{source}: unknown option {key!r}; known options: "
+                             f"{', '.join(sorted(fields))}")
+        converted[name] = _coerce(value, hints[name], f"{source}: {key}")
+    return TrainConfig(**converted)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ValueError(f"{where} must not be empty")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is tuple and isinstance(value, (list, tuple)):
+            kinds = typing.get_args(option)
+            if len(value) == len(kinds):
+                return tuple(_coerce(v, k, where) for v, k in zip(value, kinds, strict=True))
+        elif origin is dict and isinstance(value, dict):
+            return dict(value)
+        elif origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        elif origin in (int, str, bool) and type(value) is origin:
+            return value
+    wanted = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise ValueError(f"{where} must be {wanted}, got {value!r}")
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(hint))} numbers"
+    if origin is dict:
+        return "a mapping"
+    return f"a {hint.__name__}"
+
+
+def read_yaml_options(path: str | os.PathLike) -> dict[str, Any]:
+    """The option mapping of a YAML recipe file (not yet checked against TrainConfig)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value, "
+                         f"found a {type(values).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """A YAML recipe as a TrainConfig; `overrides` (e.g. from the command line) win.
+
+    model_kwargs are merged key by key, so overriding `depth` keeps the recipe's patch_size.
+    """
+    values = read_yaml_options(path)
+    if isinstance(values.get("model_kwargs"), dict) and "model_kwargs" in overrides:
+        overrides = {**overrides,
+                     "model_kwargs": {**values["model_kwargs"], **overrides["model_kwargs"]}}
+    return config_from_dict({**values, **overrides}, source=str(path))

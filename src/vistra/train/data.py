@@ -1,0 +1,96 @@
+"""The training run's data: a checked split, the model's transforms, and loaders whose every
+random draw is a function of (seed, epoch, image index).
+
+Seeding each image's augmentation from that triple, not from a worker's running RNG, gives
+the same images whatever the number of worker processes or processes in the run, and lets
+an interrupted run resume with exactly the augmentations it would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from vistra.data import DatasetSplit, ImageFolderDataset, build_train_transform
+from vistra.evaluate import Transform, eval_transform, fit_channels
+
+from .config import TrainConfig
+from .distributed import DistContext
+
+_MIX = 1_000_003  # a prime, so different (seed, epoch, index) give different seeds
+
+
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The torch seed for one image in one epoch (or, with index = -1 - rank, a process)."""
+    return ((seed * _MIX + epoch) * _MIX + index) % (2 ** 63)
+
+
+class EpochSeededSampler(Sampler):
+    """Wraps a sampler; yields (index, seed of that image in this epoch)."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((i, draw_seed(self.seed, self.epoch, i)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """dataset[(index, seed)]: the item drawn with torch's RNG seeded to `seed`.
+
+    fork_rng leaves the caller's RNG as it was, which matters without worker processes.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            # Only the CPU generator: torch.manual_seed also queues a seed for every
+            # accelerator backend, formatting a stack trace each time (~1 ms per image).
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
+
+
+def train_transform(model: nn.Module, cfg: TrainConfig) -> Transform:
+    """SPEC §3: RandomResizedCrop + flip (+ RandAugment) + the model's normalisation."""
+    dc = model.data_config
+    randaugment = (cfg.randaugment_ops, cfg.randaugment_magnitude) if cfg.randaugment_ops else None
+    transform = build_train_transform(dc.img_size, dc.mean, dc.std, scale=cfg.scale,
+                                      hflip=cfg.hflip, randaugment=randaugment,
+                                      interpolation=dc.interpolation)
+    return fit_channels(transform, model.arch.in_chans)
+
+
+def build_loaders(split: DatasetSplit, model: nn.Module, cfg: TrainConfig,
+                  ctx: DistContext) -> tuple[DataLoader, EpochSeededSampler, DataLoader]:
+    """Train loader (shuffled per epoch, sharded over processes) and this process's share of
+    the validation images (every image counted once over all processes)."""
+    train_set = SeededDataset(ImageFolderDataset(split.train, train_transform(model, cfg)))
+    sampler = EpochSeededSampler(
+        DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed),
+        cfg.seed)
+    val_set = Subset(ImageFolderDataset(split.val, eval_transform(model)),
+                     range(ctx.rank, len(split.val), ctx.world_size))
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,
+                  persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",
+                  # Worker seeds drawn from a private generator leave the global RNG alone.
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    return (DataLoader(train_set, sampler=sampler, **common), sampler,
+            DataLoader(val_set, shuffle=False, **common))

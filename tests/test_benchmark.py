@@ -1,0 +1,95 @@
+"""The benchmark's bookkeeping: what it times, how it counts FLOPs and memory, the peer it
+builds, and the command's output. No timed assertions: machines differ."""
+
+import json
+
+import pytest
+import torch
+
+from vistra.analysis.benchmark import benchmark, make_step, peak_memory
+from vistra.analysis.complexity import model_cost
+from vistra.cli import main
+from vistra.models import build_model, get_spec
+
+TINY = "vit_fmnist"  # 28 px, 0.3 M parameters: a benchmark of it takes a fraction of a second
+
+
+def test_report_holds_consistent_figures():
+    report = benchmark(TINY, batch_size=4, repeats=2)
+    (result,) = report.results
+    macs = model_cost(get_spec(TINY).arch).total_macs
+    assert result.impl == "vistra" and result.mode == "infer" and len(result.step_times_ms) == 2
+    assert result.gflop_per_image == pytest.approx(2 * macs / 1e9)
+    assert result.images_per_s == pytest.approx(4 / (result.latency_ms / 1e3))
+    assert result.achieved_gflops == pytest.approx(result.gflop_per_image * result.images_per_s)
+    assert result.fraction_of_peak == pytest.approx(result.achieved_gflops
+                                                    / report.gemm_peak_gflops)
+    assert report.gemm_peak_gflops > 0 and result.peak_memory_mb > 0
+    assert report.speedup() is None
+
+
+def test_training_counts_three_forwards_and_updates_the_weights():
+    model = build_model(TINY)
+    before = model.head.weight.detach().clone()
+    make_step(model, torch.randn(2, 1, 28, 28), "train", "fp32")()
+    assert not torch.equal(before, model.head.weight)
+    (result,) = benchmark(TINY, batch_size=2, mode="train", dtype="bf16", repeats=1).results
+    assert result.gflop_per_image == pytest.approx(3 * 2 * model_cost(model.arch).total_macs / 1e9)
+
+
+def test_peak_memory_sees_what_a_step_holds_at_once():
+    def step():
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**20)  # 4 MiB more, both alive
+        del a, b
+        torch.ones(2**20)  # 4 MiB again, after freeing
+
+    assert peak_memory(step) == 8 * 2**20
+
+
+@pytest.mark.parametrize("kw,message", [({"dtype": "fp16"}, "dtype must be one of"),
+                                        ({"mode": "eval"}, "mode must be one of"),
+                                        ({"compare": "timm"}, "takes 'hf'")])
+def test_bad_options_are_clear_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        benchmark(TINY, **kw)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_hf_peer_has_the_same_architecture(name):
+    pytest.importorskip("transformers")
+    from vistra.analysis.peers import hf_peer
+
+    peer = hf_peer(name)
+    with torch.device("meta"):
+        ours = build_model(name)
+    assert sum(p.numel() for p in peer.parameters()) == sum(p.numel() for p in ours.parameters())
+    eps = {m.eps for m in peer.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps == ({1e-5} if "swin" in name else {1e-6})
+    out = peer.eval()(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 1000)
+
+
+def test_hf_peer_refuses_what_transformers_cannot_build():
+    pytest.importorskip("transformers")
+    from vistra.analysis.peers import hf_peer
+
+    with pytest.raises(ValueError, match="no transformers equivalent"):
+        hf_peer("vit_base_r50_s16_224")
+
+
+def test_benchmark_command_json_with_the_peer(capsys):
+    pytest.importorskip("transformers")
+    argv = ["benchmark", "vit_tiny_patch16_224", "--batch-size", "1", "--repeats", "1",
+            "--img-size", "64", "--compare", "hf", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["impl"] for r in report["results"]] == ["vistra", "hf"]
+    assert report["speedup_vs_hf"] == pytest.approx(
+        report["results"][0]["images_per_s"] / report["results"][1]["images_per_s"])
+
+
+def test_benchmark_command_table(capsys):
+    assert main(["benchmark", TINY, "--batch-size", "2", "--repeats", "1", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "GEMM peak (same run)" in out and TINY in out

@@ -1,0 +1,199 @@
+"""The fast paths give the answers of the plain ones: cached bias and masks across sizes and
+weight updates, one-gather window layout, fused linears and SDPA in inference against the
+autograd paths, in-place residuals, bf16 autocast, and torch.compile."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vistra
+from vistra.models.layers import Linear, attention
+from vistra.models.swin import (
+    SwinBlock,
+    SwinConfig,
+    shift_window_mask,
+    window_order,
+    window_partition,
+    window_reverse,
+)
+
+# Narrow but complete: four stages, shifted windows, merging, the last map one window.
+SWIN = ("swin_tiny_patch4_window7_224",
+        {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)})
+VIT = ("vit_tiny_patch16_224", {"depth": 2})
+
+
+def small(name_kw, **kw):
+    torch.manual_seed(0)
+    name, arch = name_kw
+    return vistra.create_model(name, **arch, **kw)
+
+
+def reference_window_attention(block: SwinBlock, x: torch.Tensor) -> torch.Tensor:
+    """The textbook SW-MSA: pad, roll, partition, softmax(qk^T + B + mask) v, reverse, roll
+    back, crop; nothing cached, no gather, no fused kernel."""
+    attn, M = block.attn, block.window_size
+    B, H, W, C = x.shape
+    shift = block.shift_size if min(H, W) > M else 0
+    Hp, Wp = H - H % -M, W - W % -M
+    x = torch.roll(F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H)), (-shift, -shift), (1, 2))
+    windows = window_partition(x, M)
+    qkv = F.linear(windows, attn.qkv.weight, attn.qkv.bias)
+    q, k, v = qkv.view(*windows.shape[:3], 3, attn.num_heads, -1).permute(3, 0, 1, 4, 2, 5)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + attn.relative_position_bias()
+    if shift:
+        logits = logits + shift_window_mask(Hp, Wp, M, shift)[:, None]
+    out = (logits.softmax(-1) @ v).transpose(2, 3).reshape(windows.shape)
+    out = window_reverse(F.linear(out, attn.proj.weight, attn.proj.bias), M, Hp, Wp)
+    return torch.roll(out, (shift, shift), (1, 2))[:, :H, :W]
+
+
+@pytest.mark.parametrize("H,W,shift", [(14, 14, 3), (17, 10, 3), (14, 14, 0), (9, 12, 0)])
+def test_gathered_windows_equal_the_textbook_form_with_and_without_grad(H, W, shift):
+    torch.manual_seed(H + W)
+    block = SwinBlock(16, 2, 7, shift, SwinConfig(), 0.0).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()
+    x = torch.randn(2, H, W, 16)
+    expected = reference_window_attention(block, x)
+    with torch.inference_mode():
+        torch.testing.assert_close(block._attend(x), expected, atol=1e-5, rtol=1e-5)
+    grad_path = block._attend(x.requires_grad_())  # explicit attention, bias from the table
+    torch.testing.assert_close(grad_path, expected, atol=1e-5, rtol=1e-5)
+    grad_path.square().sum().backward()
+    assert block.attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_window_order_is_roll_partition_and_its_inverse_crops():
+    H, W, M, s = 10, 9, 4, 2
+    x = torch.arange(H * W).view(1, H, W, 1)
+    order, restore = window_order(H, W, M, s)
+    padded = F.pad(x, (0, 0, 0, 12 - W, 0, 12 - H), value=-1)
+    expected = window_partition(torch.roll(padded, (-s, -s), (1, 2)), M).flatten()
+    assert torch.equal(padded.flatten()[order], expected)
+    assert torch.equal(expected[restore], x.flatten())
+
+
+def test_cached_bias_follows_weight_updates_and_loading():
+    model = small(SWIN).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        before = model(x)
+    with torch.no_grad():
+        for block in model.layers[0].blocks:
+            block.attn.relative_position_bias_table.add_(0.5)  # an in-place update
+    fresh = small(SWIN).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        after = model(x)
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, fresh(x))
+    model.load_state_dict(small(SWIN).state_dict())  # copies into the same storage
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), before)
+
+
+def test_an_optimizer_step_changes_the_next_inference():
+    model = small(SWIN, img_size=112)
+    x = torch.randn(2, 3, 112, 112)
+    model.eval()
+    with torch.inference_mode():
+        before = model(x)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(x).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    reference = small(SWIN, img_size=112).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        after = model(x)
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, reference(x))
+
+
+@pytest.mark.parametrize("name_kw,size", [(SWIN, 224), (SWIN, (200, 264)), (VIT, 224)])
+def test_inference_fast_paths_equal_the_autograd_paths(name_kw, size):
+    """inference_mode takes the fused linears, flash attention, cached bias and in-place
+    residuals; with autograd on, the plain layers. Same numbers."""
+    model = small(name_kw, img_size=size).eval()
+    h, w = (size, size) if isinstance(size, int) else size
+    x = torch.randn(2, 3, h, w)
+    with torch.inference_mode():
+        fast = model(x)
+    plain = model(x)
+    assert plain.requires_grad
+    torch.testing.assert_close(fast, plain.detach(), atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # after inference_mode, the caches still serve no_grad forwards
+        torch.testing.assert_close(model(x), fast, atol=2e-5, rtol=1e-4)
+
+
+def test_inference_leaves_the_input_and_the_weights_untouched():
+    model = small(VIT).eval()
+    x = torch.randn(1, 3, 224, 224)
+    x_copy, state = x.clone(), {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        model(x)
+    assert torch.equal(x, x_copy)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_fast_linear_is_an_nn_linear_with_the_same_keys_and_hooks_still_fire():
+    model = small(VIT).eval()
+    fc1 = model.blocks[0].mlp.fc1
+    assert isinstance(fc1, nn.Linear) and isinstance(model.blocks[0].attn.qkv, Linear)
+    assert "blocks.0.mlp.fc1.weight" in model.state_dict()
+    seen = []
+    fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 224, 224))
+    assert seen == [(1, 197, 576), (1, 197, 768)]
+
+
+def test_fused_attention_folds_windows_and_matches_the_explicit_path():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 49, 8) for _ in range(3))
+    bias = torch.randn(4, 3, 49, 49)
+    fused, _ = attention(q, k, v, bias=bias, scale=0.3)
+    explicit, weights = attention(q, k, v, bias=bias, scale=0.3, need_weights=True)
+    assert fused.shape == (2, 4, 3, 49, 8) and weights.shape == (2, 4, 3, 49, 49)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name_kw", [SWIN, VIT])
+def test_bf16_autocast_stays_close_to_fp32(name_kw):
+    model = small(name_kw).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+    assert F.cosine_similarity(fp32.flatten(), bf16.float().flatten(), dim=0) > 0.99
+
+
+def test_bf16_training_step_runs_and_updates_the_bias_table():
+    model = small(SWIN, img_size=112).train()
+    table = model.layers[0].blocks[1].attn.relative_position_bias_table
+    before = table.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(torch.randn(2, 3, 112, 112)), torch.tensor([1, 2]))
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(table, before)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VISTRA_TEST_COMPILE") != "1",
+                    reason="compiling takes minutes on a small CPU; set VISTRA_TEST_COMPILE=1")
+def test_compiled_equals_eager_on_a_tiny_swin():
+    model = vistra.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=16,
+                                depths=(2, 1), num_heads=(1, 2), window_size=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)

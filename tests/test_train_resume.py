@@ -1,0 +1,73 @@
+"""Resume: an interrupted run continued with `resume` ends exactly like an uninterrupted one."""
+
+import json
+
+import pytest
+import torch
+from test_train_e2e import make_colour_folder, tiny_config
+
+import vistra.train.loop as loop
+from vistra.train import resume, train
+from vistra.train.checkpoint import load_training_state, save_training_state
+
+RANDOM_EVERYWHERE = dict(epochs=2, workers=1, drop_path=0.1, mixup=0.4, cutmix=1.0,
+                         randaugment_ops=2, warmup_epochs=0.5, ema=True, ema_decay=0.9,
+                         label_smoothing=0.1, clip_grad=1.0)
+
+
+def _without_time(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    data = make_colour_folder(tmp_path / "data")
+    straight = train(tiny_config(data, tmp_path / "straight", **RANDOM_EVERYWHERE))
+
+    real_epoch = loop.train_one_epoch
+
+    def ctrl_c_in_epoch_2(*args, **kwargs):
+        if args[6] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "cut", **RANDOM_EVERYWHERE))
+    assert "holds the state after epoch 1" in capsys.readouterr().err
+    assert load_training_state(tmp_path / "cut" / "last.ckpt")["epoch"] == 1
+    monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
+
+    resumed = resume(tmp_path / "cut")
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(v, b["model"][k]) for k, v in a["model"].items())
+    assert all(torch.equal(v, b["ema"]["module"][k]) for k, v in a["ema"]["module"].items())
+    assert _without_time(resumed.history) == _without_time(straight.history)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert (resumed.best_top1, resumed.best_epoch) == (straight.best_top1, straight.best_epoch)
+
+
+def test_an_interruption_in_the_first_epoch_is_resumable(tmp_path, monkeypatch):
+    data = make_colour_folder(tmp_path / "data", per_class=4)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data, tmp_path / "run", epochs=1))
+    assert load_training_state(tmp_path / "run" / "last.ckpt")["epoch"] == 0
+
+
+def test_training_state_is_written_atomically_and_checked_on_load(tmp_path):
+    path = tmp_path / "last.ckpt"
+    with pytest.raises(ValueError, match="lacks"):
+        save_training_state({"epoch": 1}, path)
+    assert not path.exists()
+    (tmp_path / "other.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        load_training_state(tmp_path / "other.ckpt")
+    with pytest.raises(FileNotFoundError, match="--resume needs a run directory"):
+        resume(tmp_path / "nowhere")

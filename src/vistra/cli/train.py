@@ -52,9 +52,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind is tuple:
             parser.add_argument(flag, type=float, nargs=f.metadata["nargs"], metavar="X", **kw)
         else:
+            metavar = f.metadata.get("metavar", {int: "N", float: "X", str: "TEXT"}[kind])
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
-                                metavar=None if "choices" in f.metadata else f.name.upper(),
-                                **kw)
+                                metavar=None if "choices" in f.metadata else metavar, **kw)
 
 
 def _base_type(hint) -> type:

@@ -30,18 +30,22 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # --- what to train on what ---
-    data: str | None = _opt(None, "image folder: <class>/<images> or train/ + val/ (or test/)")
+    data: str | None = _opt(None, "image folder: <class>/<images> or train/ + val/ (or test/)",
+                            metavar="DIR")
     model: str | None = _opt(None, "registered model name, e.g. vit_base_patch16_224 "
-                                   "(see `vistra models`)")
+                                   "(see `vistra models`)", metavar="NAME")
     weights: str | None = _opt(None, "checkpoint file to start from (timm, official Swin, "
-                                     "Google .npz, torchvision, HuggingFace or vistra)")
-    output: str | None = _opt(None, "run directory (default: runs/<model>-<date>-<time>)")
+                                     "Google .npz, torchvision, HuggingFace or vistra)",
+                               metavar="FILE")
+    output: str | None = _opt(None, "run directory (default: runs/<model>-<date>-<time>)",
+                              metavar="RUN_DIR")
     img_size: int | None = _opt(None, "input size in pixels (default: the model's)")
     in_chans: int | None = _opt(None, "3 for RGB (default) or 1 to feed the images' luminance")
     drop_path: float | None = _opt(None, "stochastic depth rate (default: the model's, 0)")
-    model_kwargs: dict[str, Any] = _opt({}, "other model options, e.g. {patch_size: 4, "
+    model_kwargs: dict[str, Any] = _opt({}, "other model options (fields of the model's "
+                                            "ViTConfig / SwinConfig), e.g. {patch_size: 4, "
                                             "depth: 6}; on the command line --model-arg "
-                                            "KEY=VALUE (repeatable)")
+                                            "KEY=VALUE, repeatable")
     crop_pct: float | None = _opt(None, "evaluation centre-crop fraction (default: the model's)")
     # --- data ---
     val_fraction: float = _opt(0.2, "share of each class held out for validation when the "
@@ -77,7 +81,8 @@ class TrainConfig:
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "
                                      "choice; 1 avoids contention when cores are shared)")
     device: str | None = _opt(None, "cpu, cuda, cuda:1, ... (default: cuda if available; under "
-                                    "torchrun each process uses its LOCAL_RANK GPU)")
+                                    "torchrun each process uses its LOCAL_RANK GPU)",
+                              metavar="DEVICE")
     quiet: bool = _opt(False, "no progress bars or per-epoch lines")
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ figures are medians over rounds, after warm-up steps that are not timed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import statistics
 import sys
@@ -71,6 +72,20 @@ class Report:
         return {**asdict(self), "speedup_vs_hf": self.speedup()}
 
 
+def malloc_heap_only() -> bool:
+    """Have glibc serve every allocation from its heap and keep freed memory (mallopt
+    M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB). By default it maps each allocation over 32 MiB
+    afresh and unmaps it when freed, so every forward page-faults its large tensors again:
+    on a VM that takes longer than the arithmetic of Swin-T's first-stage GEMMs. Process-wide,
+    so every model benchmarked gets it; False where glibc's mallopt is not available."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None], int]:
     """A large square torch.mm into a preallocated output (a fresh one would add page-fault
     time that is no part of the GEMM), and its FLOPs."""
@@ -81,7 +96,7 @@ def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None
 
 def make_step(model: nn.Module, x: torch.Tensor, mode: str, dtype: str) -> Callable[[], None]:
     """One inference batch (under inference_mode) or one training step (forward, cross-entropy,
-    backward, AdamW, gradients freed), under bf16 autocast when asked."""
+    backward, fused AdamW, gradients freed), under bf16 autocast when asked."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     if mode == "infer":
         model.eval()
@@ -91,7 +106,9 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, dtype: str) -> Calla
                 model(x)
         return infer
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused: one kernel per step on CPU instead of a dozen passes per parameter tensor, which
+    # took a quarter of a ViT-S step; every model benchmarked gets the same optimizer.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     labels = torch.randint(0, 10, (x.shape[0],))
 
     def train() -> None:
@@ -138,8 +155,9 @@ def _time(fn: Callable[[], None]) -> float:
 def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
               dtype: str = "fp32", mode: str = "infer", compile: bool = False,
               compare: str | None = None, repeats: int = 5, warmup: int = 1,
-              measure_memory: bool = True, seed: int = 0) -> Report:
-    """Time `name` (and, with compare="hf", its transformers twin) at `batch_size` images."""
+              measure_memory: bool = True, malloc_heap: bool = False, seed: int = 0) -> Report:
+    """Time `name` (and, with compare="hf", its transformers twin) at `batch_size` images.
+    malloc_heap: call `malloc_heap_only` first (for the whole process, from then on)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if mode not in MODES:
@@ -148,6 +166,9 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
         raise ValueError(f"--compare takes 'hf' (HuggingFace transformers), got {compare!r}")
     if repeats < 1 or batch_size < 1:
         raise ValueError("repeats and batch size must be at least 1")
+    heap = malloc_heap and malloc_heap_only()
+    if malloc_heap and not heap:
+        raise ValueError("--malloc-heap needs glibc's mallopt, not found on this system")
     torch.manual_seed(seed)
     model = build_model(name, img_size=img_size)
     size = model.data_config.img_size
@@ -186,6 +207,8 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
              "same architecture for the peer)"]
     if mode == "train":
         notes.append(TRAIN_FLOPS_NOTE)
+    if heap:
+        notes.append("allocator: glibc heap only, freed memory kept (malloc_heap_only)")
     if measure_memory:
         notes.append(MEMORY_NOTE)
     return Report(results, peak, torch.get_num_threads(), notes)

@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the peak-memory step (it runs once more under the profiler)")
+    p.add_argument("--malloc-heap", action="store_true",
+                   help="first make glibc keep freed memory instead of unmapping large blocks, "
+                        "so tensors stop page-faulting on every forward (process-wide: both "
+                        "libraries get it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     report = benchmark(args.name, batch_size=args.batch_size, img_size=args.img_size,
                        dtype=args.dtype, mode=args.mode, compile=args.compile,
                        compare=args.compare, repeats=args.repeats, warmup=args.warmup,
-                       measure_memory=not args.no_memory)
+                       measure_memory=not args.no_memory, malloc_heap=args.malloc_heap)
     print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
     return 0
 

@@ -24,8 +24,9 @@ def attention(
 
     The fused SDPA kernel is the normal path. The explicit path, the same maths, serves when
     the weights are asked for (analysis) and when the bias needs a gradient (Swin's table in
-    training): no fused CPU kernel differentiates its mask, and SDPA's own fallback for that
-    case adds masking checks the explicit path does not need.
+    training): no fused CPU kernel differentiates a mask, so SDPA would run its math fallback
+    on windows folded into the batch, with the bias copied per image and its gradient summed
+    back: a 10-25% slower Swin-T training step (benchmarks/README.md).
     """
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
@@ -104,11 +105,13 @@ _fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused CPU linear serves fp32 inference: it has no autograd formula, and under
-    autocast the ordinary path is the one that casts to bf16."""
+    """The fused CPU linear serves eager fp32 inference: it has no autograd formula, under
+    autocast the ordinary path is the one that casts to bf16, and torch.compile does its own
+    fusion (its lowering of this op wants frozen weights)."""
     return (_fused_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not torch.compiler.is_compiling())
 
 
 class Linear(nn.Linear):

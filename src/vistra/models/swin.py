@@ -182,9 +182,10 @@ class WindowAttention(nn.Module, AttentionRecorder):
         """The bias, gathered once and reused while no gradient can flow into the table.
 
         The key holds the table's version counter and storage, so an optimizer step, a
-        load_state_dict or a .to() gathers afresh."""
+        load_state_dict or a .to() gathers afresh. Under torch.compile the gather is traced
+        into the graph instead (the key would only cost recompilations)."""
         table = self.relative_position_bias_table
-        if torch.is_grad_enabled() and table.requires_grad:
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and table.requires_grad):
             return self.relative_position_bias().to(dtype)
         key = (table._version, table.data_ptr(), table.device, dtype)
         if self._bias_cache is None or self._bias_cache[0] != key:
@@ -227,14 +228,18 @@ class SwinBlock(nn.Module):
 
     def _layout(self, H: int, W: int, shift: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        M = self.window_size
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            order, restore = window_order(H, W, M, shift, device)
+            mask = shift_window_mask(H - H % -M, W - W % -M, M, shift, device) if shift else None
+            return order, restore, mask
+        if torch.compiler.is_compiling():  # traced into the graph, built once there
+            return build()
         key = (H, W, device)
         if key not in self._layouts:
-            M = self.window_size
             with torch.inference_mode(False):  # plain tensors, usable by any later forward
-                order, restore = window_order(H, W, M, shift, device)
-                mask = (shift_window_mask(H - H % -M, W - W % -M, M, shift, device)
-                        if shift else None)
-            self._layouts[key] = order, restore, mask
+                self._layouts[key] = build()
         return self._layouts[key]
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:

@@ -145,3 +145,10 @@ def test_plot_is_written(tmp_path):
     path = plot_attention_scaling("swin_tiny_patch4_window7_224", tmp_path / "scaling.png",
                                   sizes=(112, 224), repeats=1)
     assert path.stat().st_size > 10_000
+
+
+def test_models_command_lists_sizes_and_costs(capsys):
+    assert main(["models", "swin_*_224", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["swin_base_patch4_window7_224"]["macs"] / 1e9 == pytest.approx(15.4, rel=0.01)
+    assert rows["swin_small_patch4_window7_224"]["params"] / 1e6 == pytest.approx(49.6, 1e-3)

@@ -20,20 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistra.data import ImageFolderDataset, build_eval_transform, scan_image_folder
+from vistra.data.transforms import grey_level
 from vistra.weights import load_checkpoint, read_metadata
 
 Transform = Callable[[Image.Image], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Luminance:
-    """Feeds a model built with in_chans=1: the image's grey level, normalised with the first
-    channel's mean and std. A class so that DataLoader workers can pickle it."""
-
-    transform: Transform
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image.convert("L").convert("RGB"))[:1]
 
 
 def fit_channels(transform: Transform, in_chans: int) -> Transform:
@@ -41,7 +31,7 @@ def fit_channels(transform: Transform, in_chans: int) -> Transform:
     if in_chans == 3:
         return transform
     if in_chans == 1:
-        return Luminance(transform)
+        return grey_level(transform)
     raise ValueError(f"the model takes {in_chans} input channels; vistra's image pipeline "
                      "feeds 3 (RGB) or 1 (grey level)")
 

@@ -53,6 +53,9 @@ class TrainConfig:
     batch_size: int = _opt(32, "images per step on each process (under torchrun the global "
                                "batch is this times the number of processes)")
     workers: int = _opt(2, "data-loading worker processes per training process (0: none)")
+    cache_images: bool = _opt(False, "keep decoded images in memory after their first use "
+                                     "(each loader worker its own copy): for datasets that "
+                                     "fit in RAM, such as Fashion-MNIST")
     scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop area range", nargs=2)
     hflip: float = _opt(0.5, "probability of a horizontal flip")
     randaugment_ops: int = _opt(0, "RandAugment ops per image (0: off; 2 is usual)")

@@ -82,11 +82,12 @@ def build_loaders(split: DatasetSplit, model: nn.Module, cfg: TrainConfig,
                   ctx: DistContext) -> tuple[DataLoader, EpochSeededSampler, DataLoader]:
     """Train loader (shuffled per epoch, sharded over processes) and this process's share of
     the validation images (every image counted once over all processes)."""
-    train_set = SeededDataset(ImageFolderDataset(split.train, train_transform(model, cfg)))
+    train_set = SeededDataset(ImageFolderDataset(split.train, train_transform(model, cfg),
+                                                    cache=cfg.cache_images))
     sampler = EpochSeededSampler(
         DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed),
         cfg.seed)
-    val_set = Subset(ImageFolderDataset(split.val, eval_transform(model)),
+    val_set = Subset(ImageFolderDataset(split.val, eval_transform(model), cache=cfg.cache_images),
                      range(ctx.rank, len(split.val), ctx.world_size))
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,
                   persistent_workers=cfg.workers > 0, pin_memory=ctx.device.type == "cuda",

@@ -175,3 +175,16 @@ def test_dataset_yields_transformed_images_and_names_broken_files(tmp_path):
     split.train[0][0].write_bytes(b"overwritten")
     with pytest.raises(RuntimeError, match="cat[/\\\\]000.png"):
         dataset[0]
+
+
+def test_cached_dataset_decodes_each_file_once(tmp_path):
+    split = scan_image_folder(make_folder(tmp_path, {"cat": 2, "dog": 2}), val_fraction=0)
+    to_array = lambda im: torch.from_numpy(np.asarray(im).copy())  # noqa: E731
+    cached = ImageFolderDataset(split.train, transform=to_array, cache=True)
+    first = [cached[i][0] for i in range(4)]
+    for path, _ in split.train:
+        path.write_bytes(b"gone")  # a second read would fail
+    assert all(torch.equal(cached[i][0], first[i]) for i in range(4))
+    uncached = ImageFolderDataset(split.train, transform=to_array)
+    with pytest.raises(RuntimeError, match="000.png"):
+        uncached[0]

@@ -11,6 +11,7 @@ from vistra.data.transforms import (
     RandAugment,
     build_eval_transform,
     build_train_transform,
+    grey_level,
     random_resized_crop_box,
     smooth_one_hot,
     to_tensor_normalized,
@@ -180,3 +181,16 @@ def test_prob_zero_only_smooths():
     mixed, soft = MixupCutmix(num_classes=4, prob=0.0, label_smoothing=0.1)(images, targets)
     assert torch.equal(mixed, images)
     assert torch.equal(soft, smooth_one_hot(targets, 4, 0.1))
+
+
+def test_grey_level_transforms_work_on_the_luminance_with_the_first_channel_stats():
+    pixels = numbered_image(20, 12)
+    image = Image.fromarray(pixels)
+    luminance = np.asarray(image.convert("L"), np.float32)
+    mean, std = (0.25, 0.5, 0.5), (0.5, 0.2, 0.2)
+    out = grey_level(build_eval_transform((12, 20), mean, std, crop_pct=1.0))(image)
+    assert out.shape == (1, 12, 20)
+    torch.testing.assert_close(out[0], torch.from_numpy((luminance / 255 - 0.25) / 0.5))
+    train = grey_level(build_train_transform(8, mean, std, randaugment=(2, 9)))
+    torch.manual_seed(0)
+    assert all(train(image).shape == (1, 8, 8) for _ in range(30))  # every op on "L" images

@@ -116,10 +116,8 @@ def _read_torch(path: Path) -> RawWeights:
     except pickle.UnpicklingError as err:
         raise ValueError(
             f"{path} was refused: loading it needs more than tensors ({_unsafe_detail(err)}), "
-            f"and vistra never runs code from a weights file. If you trust the file, extract "
-            f"the state dict where it is safe to run it, e.g. "
-            f"torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth'), "
-            f"and load that"
+            f"and vistra never runs code from a weights file. If you trust the file, re-save "
+            f"its state dict (tensors only) where running its code is safe, and load that"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError) as err:
         raise _corrupt(path, err) from err

@@ -156,7 +156,7 @@ class RandAugment:
 
     num_ops: int = 2
     magnitude: float = 9.0
-    fill: Fill = (128, 128, 128)
+    fill: tuple[int, int, int] = (128, 128, 128)  # "L" images get the first value
 
     def __post_init__(self) -> None:
         if self.num_ops < 0 or not 0 <= self.magnitude <= 10:

@@ -3,7 +3,7 @@
 from .layers import capture_attention
 from .registry import DataConfig, ModelSpec, build_model, get_spec, list_models
 from .swin import SwinConfig, SwinTransformer
-from .vit import ViTConfig, VisionTransformer
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "DataConfig", "ModelSpec", "SwinConfig", "SwinTransformer", "ViTConfig", "VisionTransformer",

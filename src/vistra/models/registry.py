@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from torch import nn
 
 from .swin import SwinConfig, SwinTransformer
-from .vit import ViTConfig, VisionTransformer, to_2tuple
+from .vit import VisionTransformer, ViTConfig, to_2tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -290,7 +290,7 @@ class SwinTransformer(nn.Module):
         dpr = drop_path_rates(cfg.drop_path_rate, sum(cfg.depths))
         res = [-(-s // cfg.patch_size) for s in self.img_size]
         stages, dim = [], cfg.embed_dim
-        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads, strict=True)):
             in_dim = dim
             if i > 0:
                 res, dim = [-(-r // 2) for r in res], dim * 2

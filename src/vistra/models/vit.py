@@ -161,7 +161,8 @@ class VisionTransformer(nn.Module):
             Block(cfg, dp) for dp in drop_path_rates(cfg.drop_path_rate, cfg.depth)
         ])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pre_logits = PreLogits(dim, cfg.representation_size) if cfg.representation_size else None
+        self.pre_logits = (PreLogits(dim, cfg.representation_size)
+                           if cfg.representation_size else None)
         self.head: nn.Module = nn.Identity()
         self.head_dist: nn.Module | None = None
         self.reset_classifier(cfg.num_classes)

@@ -30,11 +30,6 @@ _RESAMPLING = {
 }
 
 
-def image_mode(channels: int) -> str:
-    """The Pillow mode a transform works in: "L" for grey-level models, else "RGB"."""
-    return "L" if channels == 1 else "RGB"
-
-
 def to_tensor_normalized(
     image: Image.Image, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -270,7 +265,8 @@ def _cover_size(
 
 
 def _in_mode(image: Image.Image, channels: int) -> Image.Image:
-    mode = image_mode(channels)
+    """The image in the mode a transform works in: "L" for grey-level models, else "RGB"."""
+    mode = "L" if channels == 1 else "RGB"
     return image if image.mode == mode else image.convert(mode)
 
 

@@ -90,6 +90,15 @@ def test_flip_and_full_crop():
     assert np.array_equal(pixels_of(transform(Image.fromarray(pixels))), pixels[:, ::-1])
 
 
+def test_scale_one_leaves_an_image_of_the_output_size_untouched():
+    """The Fashion-MNIST recipes' setting: no crop, no resampling, whatever aspect is drawn."""
+    pixels = numbered_image(28, 28)
+    transform = build_train_transform(28, scale=(1, 1), hflip=0.0, **IDENTITY_NORM)
+    torch.manual_seed(0)
+    for _ in range(50):
+        assert np.array_equal(pixels_of(transform(Image.fromarray(pixels))), pixels)
+
+
 def test_train_transform_is_reproducible_from_torch_seed():
     image = Image.fromarray(numbered_image(64, 48))
     transform = build_train_transform(24, (0.5,) * 3, (0.5,) * 3, randaugment=(2, 9))

@@ -120,10 +120,10 @@ def _register_small_image_presets() -> None:
     register("vit_fmnist", ViTConfig(img_size=28, in_chans=1, num_classes=10, patch_size=4,
                                      conv_stem=(16, 32, 64), embed_dim=64, depth=6, num_heads=4),
              **fmnist)
-    # 7x7 tokens after the stem, padded to 2x2 windows of 4 (shifted every other block), then
+    # The same stem; 7x7 tokens padded to 2x2 windows of 4 (shifted every other block), then
     # merged to 4x4: one window. Beat 14x14 tokens in windows of 7 at half the cost per step.
     register("swin_fmnist", SwinConfig(img_size=28, in_chans=1, num_classes=10, patch_size=4,
-                                       conv_stem=(24, 48), embed_dim=64, depths=(4, 2),
+                                       conv_stem=(16, 32, 64), embed_dim=64, depths=(4, 2),
                                        num_heads=(4, 8), window_size=4), **fmnist)
 
 

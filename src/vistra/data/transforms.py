@@ -220,10 +220,10 @@ class TrainTransform:
         image = _in_mode(image, len(self.mean))
         left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio)
         height, width = self.size
+        # With scale [1, 1] on an image already of the output size the crop is the image
+        # itself: resampling it would cost time and change nothing.
         whole_image = (left, top, w, h) == (0, 0, image.width, image.height)
         if not (whole_image and (w, h) == (width, height)):
-            # Otherwise (scale [1, 1] on images of the output size) the crop is the image
-            # itself: resampling would cost time and change nothing.
             image = image.resize((width, height), self.resample,
                                  box=(left, top, left + w, top + h))
         if self.hflip > 0 and torch.rand(()).item() < self.hflip:

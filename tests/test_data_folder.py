@@ -188,3 +188,16 @@ def test_cached_dataset_decodes_each_file_once(tmp_path):
     uncached = ImageFolderDataset(split.train, transform=to_array)
     with pytest.raises(RuntimeError, match="000.png"):
         uncached[0]
+
+
+def test_grey_level_dataset_hands_the_transform_L_images(tmp_path):
+    split = scan_image_folder(make_folder(tmp_path, {"cat": 2, "dog": 2}), val_fraction=0)
+    seen = []
+    grey = ImageFolderDataset(split.train, transform=lambda im: seen.append(im) or 0,
+                              cache=True, channels=1)
+    grey[0], grey[0]
+    rgb = Image.open(split.train[0][0]).convert("RGB")
+    assert [im.mode for im in seen] == ["L", "L"]
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(rgb.convert("L")))
+    with pytest.raises(ValueError, match="channels"):
+        ImageFolderDataset(split.train, transform=None, channels=2)

@@ -77,6 +77,18 @@ def test_crop_box_falls_back_to_centre_when_nothing_fits():
     assert random_resized_crop_box(300, 100, scale=(1, 1), ratio=(1, 1)) == (100, 0, 100, 100)
 
 
+@pytest.mark.parametrize("size", [(28, 28), (40, 30), (300, 100)])
+def test_whole_area_crop_box_is_the_fallback_and_draws_nothing(size):
+    """scale (1, 1): the box the ten tries would end in, without spending random numbers."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    box = random_resized_crop_box(*size, scale=(1, 1), ratio=(3 / 4, 4 / 3))
+    assert torch.equal(torch.get_rng_state(), before)
+    expected = {(28, 28): (0, 0, 28, 28), (40, 30): (0, 0, 40, 30),
+                (300, 100): (83, 0, 133, 100)}[size]  # 300x100 is wider than 4:3: centred
+    assert box == expected
+
+
 def test_crop_boxes_stay_inside_the_image():
     torch.manual_seed(0)
     for _ in range(200):

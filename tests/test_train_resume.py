@@ -71,3 +71,22 @@ def test_training_state_is_written_atomically_and_checked_on_load(tmp_path):
         load_training_state(tmp_path / "other.ckpt")
     with pytest.raises(FileNotFoundError, match="--resume needs a run directory"):
         resume(tmp_path / "nowhere")
+
+
+def test_seeded_item_depends_only_on_its_seed_and_leaves_the_callers_rng_alone():
+    from vistra.train.data import SeededDataset
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return torch.rand(3)
+
+    dataset = SeededDataset(Draws())
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    first, same_seed, other_seed = dataset[(0, 7)], dataset[(1, 7)], dataset[(0, 8)]
+    assert torch.equal(first, same_seed) and not torch.equal(first, other_seed)
+    assert torch.equal(torch.rand(1), expected_next)

@@ -183,7 +183,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     samples, skipped = _labelled_samples(Path(data), model.classes, split_info)
     if not samples:
         raise ValueError(f"{data} holds no images to evaluate")
-    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model)),
+    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model),
+                                           channels=model.arch.in_chans),
                         batch_size=batch_size, num_workers=workers)
     totals = run_evaluation(model, loader, len(model.classes), torch.device(device))
     return EvalReport(list(model.classes), totals), skipped

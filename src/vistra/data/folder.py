@@ -213,11 +213,13 @@ def plot_class_counts(split: DatasetSplit, png_path: str | os.PathLike) -> None:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """(path, label) samples -> (transform(image), label), images loaded as RGB on demand.
+    """(path, label) samples -> (transform(image), label), images loaded on demand as RGB
+    (`channels` 3) or as the grey level (`channels` 1, Pillow's "L", for grey-level models).
 
     With `cache`, each image is decoded once and kept: for datasets that fit in memory, where
     decoding would otherwise cost as much as the model (a 28x28 PNG takes ~0.3 ms to open and
-    decode). Each DataLoader worker process fills a cache of its own.
+    decode). Each DataLoader worker process fills a cache of its own. It holds the images in
+    the mode the transform works in, so that conversion too is done once.
     """
 
     def __init__(
@@ -225,9 +227,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         samples: list[Sample],
         transform: Callable[[Image.Image], torch.Tensor] | None,
         cache: bool = False,
+        channels: int = 3,
     ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 3 (RGB) or 1 (grey level), got {channels}")
         self.samples = list(samples)
         self.transform = transform
+        self.mode = "RGB" if channels == 3 else "L"
         self._cache: dict[int, Image.Image] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -241,6 +247,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 image = load_rgb(path)
             except ImageLoadError as error:  # changed on disk since the scan, or never checked
                 raise RuntimeError(f"failed to load {path}: {error.reason}") from error
+            if self.mode != image.mode:
+                image = image.convert(self.mode)
             if self._cache is not None:
                 self._cache[index] = image
         return (self.transform(image) if self.transform else image), label

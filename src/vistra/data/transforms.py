@@ -178,10 +178,14 @@ def random_resized_crop_box(
 
     Ten tries for a box of random area fraction (in `scale`) and log-uniform aspect ratio
     (in `ratio`) that fits; otherwise the largest centred box with an allowed aspect ratio.
+    With `scale` = (1, 1), no tries: that fallback box, drawing no random numbers.
     """
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
+    # With the whole area asked for, a box that fits is the whole image (up to a pixel of
+    # rounding) and most tries miss: go straight to the fallback, which is that box.
+    tries = 0 if scale[0] >= 1 else 10
+    for _ in range(tries):
         # One draw of four numbers per try: each torch call costs more than the arithmetic.
         u_area, u_ratio, u_left, u_top = torch.rand(4).tolist()
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)

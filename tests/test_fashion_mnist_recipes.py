@@ -109,7 +109,7 @@ def test_conv_stem_replaces_the_patch_conv_at_the_same_stride():
     assert plain.pos_embed.shape == stem.pos_embed.shape == (1, 50, 64)  # 7x7 tokens + class
     assert not any(k.startswith("patch_embed.backbone") for k in plain.state_dict())
     assert plain.patch_embed.proj.weight.shape == (64, 1, 4, 4)
-    assert stem.patch_embed.proj.weight.shape == (64, 64, 1, 1)  # 1x1 after the stem
+    assert stem.patch_embed.proj.weight.shape == (64, 128, 1, 1)  # 1x1 after the stem
     swin = vistra.create_model("swin_fmnist")
     tokens = swin.patch_embed(torch.randn(1, 1, 28, 28))
     assert tokens.shape[1:3] == (28 // swin.cfg.patch_size,) * 2

@@ -116,14 +116,15 @@ def _register_small_image_presets() -> None:
     benchmarks/fashion_mnist_ablations.md). A 3x3 conv stem replaces the patch conv: on so
     few pixels and epochs it is worth more accuracy than anything else tried."""
     fmnist = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, crop_pct=1.0)
-    # Stem: a 3x3 conv at full resolution, then two of stride 2 -> 7x7 tokens of 64.
+    # Stem: a 3x3 conv at full resolution, then two of stride 2 -> 7x7 tokens of 64. A wider
+    # stem in place of transformer blocks learned faster per second of CPU (the ablations).
     register("vit_fmnist", ViTConfig(img_size=28, in_chans=1, num_classes=10, patch_size=4,
-                                     conv_stem=(16, 32, 64), embed_dim=64, depth=6, num_heads=4),
-             **fmnist)
-    # The same stem; 7x7 tokens padded to 2x2 windows of 4 (shifted every other block), then
+                                     conv_stem=(32, 64, 128), embed_dim=64, depth=4,
+                                     num_heads=4), **fmnist)
+    # A stem like it; 7x7 tokens padded to 2x2 windows of 4 (shifted every other block), then
     # merged to 4x4: one window. Beat 14x14 tokens in windows of 7 at half the cost per step.
     register("swin_fmnist", SwinConfig(img_size=28, in_chans=1, num_classes=10, patch_size=4,
-                                       conv_stem=(16, 32, 64), embed_dim=64, depths=(4, 2),
+                                       conv_stem=(32, 64, 64), embed_dim=64, depths=(3, 2),
                                        num_heads=(4, 8), window_size=4), **fmnist)
 
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from vistra.data.images import ImageLoadError, check_image, is_image_file, load_rgb
+from vistra.data.transforms import pixel_mode
 
 Sample = tuple[Path, int]
 
@@ -229,11 +230,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         cache: bool = False,
         channels: int = 3,
     ) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 3 (RGB) or 1 (grey level), got {channels}")
         self.samples = list(samples)
         self.transform = transform
-        self.mode = "RGB" if channels == 3 else "L"
+        self.mode = pixel_mode(channels)
         self._cache: dict[int, Image.Image] | None = {} if cache else None
 
     def __len__(self) -> int:

@@ -273,9 +273,16 @@ def _cover_size(
     return target_w, max(target_h, int(height * target_w / width))
 
 
+def pixel_mode(channels: int) -> str:
+    """The Pillow mode images are handled in for a model of `channels` input channels."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 3 (RGB) or 1 (grey level), got {channels}")
+    return "L" if channels == 1 else "RGB"
+
+
 def _in_mode(image: Image.Image, channels: int) -> Image.Image:
     """The image in the mode a transform works in: "L" for grey-level models, else "RGB"."""
-    mode = "L" if channels == 1 else "RGB"
+    mode = pixel_mode(channels)
     return image if image.mode == mode else image.convert(mode)
 
 

@@ -12,6 +12,7 @@ import typing
 import yaml
 
 from vistra.train import TrainConfig, config_from_dict, load_config, resume, train
+from vistra.train.allocator import keep_freed_memory
 
 _DICT_OPTION = "model_arg"  # --model-arg KEY=VALUE fills the model_kwargs mapping
 
@@ -91,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    keep_freed_memory()  # this process only trains: reuse its peak memory (allocator.py)
     if args.resume:
         given = options_from_args(args)
         extra = sorted(set(given) - {"device"}) + (["config"] if args.config else [])

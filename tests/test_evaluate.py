@@ -58,6 +58,31 @@ def test_top5_counts_a_hit_when_the_label_is_among_the_five_best():
     assert totals.confusion[:, 0].tolist() == [1, 0, 0, 0, 1, 1, 1]  # all predicted "a"
 
 
+class LeftRight(torch.nn.Module):
+    """Logits d * [1, 0, -1] + [0, 0.8, 0], d the left half's mean minus the right half's:
+    mirroring an image flips the sign of d, so each view alone favours class 0 or 2, while
+    class 1 is everyone's close second."""
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        d = x[..., :half].mean((1, 2, 3)) - x[..., half:].mean((1, 2, 3))
+        return d[:, None] * torch.tensor([1.0, 0.0, -1.0]) + torch.tensor([0.0, 0.8, 0.0])
+
+
+def test_flip_averages_the_probabilities_of_the_image_and_its_mirror_image():
+    images = torch.zeros(2, 1, 4, 4)
+    images[:, :, :, :2] = torch.tensor([1.0, -1.0])[:, None, None, None]  # bright, dark left
+    labels = torch.tensor([1, 1])
+    plain = run_evaluation(LeftRight(), [(images, labels)], 3, torch.device("cpu"))
+    both = run_evaluation(LeftRight(), [(images, labels)], 3, torch.device("cpu"), flip=True)
+    assert plain.confusion[1].tolist() == [1, 0, 1]  # each view alone: class 0 or class 2
+    # mean of softmax([1, 0.8, -1]) and softmax([-1, 0.8, 1]): class 1 wins for both images
+    assert both.confusion[1].tolist() == [0, 2, 0]
+    view = torch.softmax(torch.tensor([1.0, 0.8, -1.0]), 0)
+    mean = (view + view.flip(0)) / 2
+    assert both.loss == pytest.approx(-float(mean[1].log()), rel=1e-5)
+
+
 def test_folder_classes_are_matched_by_name_and_the_test_part_is_used(tmp_path):
     ckpt = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b", "c"], favourite="b")
     data = tmp_path / "data"

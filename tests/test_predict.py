@@ -2,13 +2,17 @@
 unreadable files reported instead of crashing."""
 
 import csv
+import dataclasses
 import io
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_evaluate import constant_checkpoint
 
+from vistra import create_model
 from vistra.predict import (
     Prediction,
     annotate,
@@ -16,7 +20,7 @@ from vistra.predict import (
     format_predictions,
     predict_images,
 )
-from vistra.weights import load_checkpoint
+from vistra.weights import load_checkpoint, save_checkpoint
 
 CLASSES = ["cat", "dog", "emu", "fox"]
 
@@ -87,3 +91,25 @@ def test_annotation_draws_the_label_on_an_enlarged_copy(tmp_path):
     assert max(sum(p) for p in pixels) > 3 * 200  # the white text
     with Image.open(source) as original:
         assert original.size == (28, 28)
+
+
+def test_flip_gives_the_mean_of_the_image_and_its_mirror_image(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1,
+                       embed_dim=32, num_heads=2, num_classes=len(CLASSES))
+    save_checkpoint(net, tmp_path / "r.safetensors", classes=CLASSES)
+    trained = load_checkpoint(tmp_path / "r.safetensors")
+    # no resize or crop: the preprocessing must not itself tell an image from its mirror
+    trained.data_config = dataclasses.replace(trained.data_config, crop_pct=1.0)
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels[:, ::-1]).save(tmp_path / "mirror.png")
+
+    def probs(paths, flip):
+        predictions, _ = predict_images(trained, paths, topk=4, flip=flip)
+        return [dict(p.topk) for p in predictions]
+
+    plain, mirror = probs([tmp_path / "a.png", tmp_path / "mirror.png"], flip=False)
+    (both,) = probs([tmp_path / "a.png"], flip=True)
+    assert plain != pytest.approx(mirror)  # the two views disagree, so the mean is a test
+    assert both == pytest.approx({c: (plain[c] + mirror[c]) / 2 for c in CLASSES}, rel=1e-5)

@@ -8,6 +8,7 @@ class names and its preprocessing.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,21 +83,33 @@ class EvalTotals:
         return cls(float(values[0]), int(values[1]), confusion)
 
 
+def predict_log_probs(model: nn.Module, images: torch.Tensor, flip: bool = False,
+                      bf16: bool = False) -> torch.Tensor:
+    """Log-probabilities [B, K]; with `flip`, of the mean of the probabilities for the images
+    and their mirror images (test-time augmentation for models trained with horizontal
+    flips: the two views' errors differ, so their average is wrong less often)."""
+    views = (images, images.flip(-1)) if flip else (images,)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = [mean_logits(model(view)).float() for view in views]
+    log_probs = torch.stack([F.log_softmax(x, dim=1) for x in logits])
+    return torch.logsumexp(log_probs, 0) - math.log(len(views))
+
+
 @torch.no_grad()
 def run_evaluation(model: nn.Module, loader: DataLoader, num_classes: int,
-                   device: torch.device, bf16: bool = False) -> EvalTotals:
-    """Cross-entropy, top-5 hits and the confusion matrix of `model` over `loader`."""
+                   device: torch.device, bf16: bool = False, flip: bool = False) -> EvalTotals:
+    """Cross-entropy, top-5 hits and the confusion matrix of `model` over `loader` (with
+    `flip`, of the mean prediction for each image and its mirror image)."""
     model.eval()
     loss_sum, top5 = 0.0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     k = min(5, num_classes)
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = mean_logits(model(images)).float()
-        loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
-        top5 += int((logits.topk(k, dim=1).indices == targets[:, None]).any(1).sum())
-        pairs = (targets * num_classes + logits.argmax(1)).cpu()
+        log_probs = predict_log_probs(model, images, flip, bf16)
+        loss_sum += float(F.nll_loss(log_probs, targets, reduction="sum"))
+        top5 += int((log_probs.topk(k, dim=1).indices == targets[:, None]).any(1).sum())
+        pairs = (targets * num_classes + log_probs.argmax(1)).cpu()
         confusion += torch.bincount(pairs, minlength=num_classes ** 2).view_as(confusion)
     return EvalTotals(loss_sum, top5, confusion)
 
@@ -161,14 +174,16 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
-                        holdout: bool = False, batch_size: int = 64, workers: int = 0,
+                        holdout: bool = False, flip: bool = False, batch_size: int = 64,
+                        workers: int = 0,
                         device: str = "cpu") -> tuple[EvalReport, list[tuple[Path, str]]]:
     """Evaluate a vistra checkpoint on an image folder; return the report and skipped files.
 
     `data` is class-per-folder (every image is evaluated) or holds train/ and val/ or test/
     (the val/test part is evaluated). With `holdout`, evaluate exactly the validation images
     that training held out of a class-per-folder `data` (same seed and fraction). Folders are
-    matched to the checkpoint's classes by name; a folder may lack some classes.
+    matched to the checkpoint's classes by name; a folder may lack some classes. With `flip`,
+    each image's prediction is the mean of its own and its mirror image's.
     """
     model = load_checkpoint(checkpoint, device=device)
     if not model.classes:
@@ -186,5 +201,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     loader = DataLoader(ImageFolderDataset(samples, eval_transform(model),
                                            channels=model.arch.in_chans),
                         batch_size=batch_size, num_workers=workers)
-    totals = run_evaluation(model, loader, len(model.classes), torch.device(device))
+    totals = run_evaluation(model, loader, len(model.classes), torch.device(device), flip=flip)
     return EvalReport(list(model.classes), totals), skipped

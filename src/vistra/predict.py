@@ -21,7 +21,7 @@ from torch import nn
 
 from vistra.data import ImageLoadError, is_image_file, load_rgb
 
-from .evaluate import eval_transform, mean_logits
+from .evaluate import eval_transform, predict_log_probs
 
 FORMATS = ("text", "json", "csv")
 _MIN_ANNOTATED_WIDTH = 320  # small images are enlarged so the label stays legible
@@ -54,8 +54,10 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
 
 @torch.no_grad()
 def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], *, topk: int = 5,
-                   batch_size: int = 32) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+                   batch_size: int = 32,
+                   flip: bool = False) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Top-k predictions for each readable image; unreadable ones come back with a reason.
+    With `flip`, each image's probabilities are the mean of its own and its mirror image's.
 
     `model` needs `.classes` (as from vistra.weights.load_checkpoint) and `.data_config`.
     """
@@ -70,7 +72,8 @@ def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], *, topk
     batch: list[tuple[Path, torch.Tensor]] = []
 
     def flush() -> None:
-        probs = mean_logits(model(torch.stack([x for _, x in batch]).to(device))).softmax(1)
+        probs = predict_log_probs(model, torch.stack([x for _, x in batch]).to(device),
+                                  flip).exp()
         values, indices = probs.topk(k, dim=1)
         for (path, _), vs, ix in zip(batch, values.tolist(), indices.tolist(), strict=True):
             topk_named = [(model.classes[i], v) for i, v in zip(ix, vs, strict=True)]

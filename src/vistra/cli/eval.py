@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", action="store_true",
                    help="evaluate only the validation images training held out of a "
                         "class-per-folder DIR (same seed and fraction as the run)")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="average each image's prediction with its mirror image's (for models "
+                        "trained with horizontal flips; twice the compute)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (top1, top5, per_class, confusion, ...)")
     p.add_argument("--plot", metavar="PATH",
@@ -37,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report, skipped = evaluate_checkpoint(args.checkpoint, args.data, holdout=args.holdout,
-                                          batch_size=args.batch_size, workers=args.workers,
-                                          device=args.device)
+                                          flip=args.tta_flip, batch_size=args.batch_size,
+                                          workers=args.workers, device=args.device)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     data_name = Path(args.data).resolve().name

@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="text (default), json or csv, on standard output")
     p.add_argument("--annotate", metavar="OUTDIR",
                    help="also write copies of the images with the top class drawn on them")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="average each image's probabilities with its mirror image's (for "
+                        "models trained with horizontal flips; twice the compute)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.set_defaults(func=run)
@@ -34,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, device=args.device)
     images, failed = find_images(args.paths)
     predictions, unreadable = predict_images(model, images, topk=args.topk,
-                                             batch_size=args.batch_size)
+                                             batch_size=args.batch_size, flip=args.tta_flip)
     failed += unreadable
     if predictions:
         print(format_predictions(predictions, args.format))

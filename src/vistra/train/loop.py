@@ -215,8 +215,8 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                          f"was trained on {state['classes']}; resume needs the same folders")
     num_classes = len(split.classes)
     model = _build_model(cfg, num_classes, cfg.weights if state is None else None)
-    # Convolution weights in channels-last: oneDNN (and cuDNN) run convolutions NHWC natively
-    # and otherwise reorder every activation and gradient; conv stems step 6-9% faster.
+    # Convolution weights in channels-last: oneDNN runs convolutions NHWC natively and would
+    # otherwise reorder every activation and gradient; conv-stem models step 6-9% faster.
     model.to(ctx.device, memory_format=torch.channels_last)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
     train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)

@@ -9,6 +9,7 @@ from vistra.data.transforms import (
     RANDAUGMENT_OPS,
     MixupCutmix,
     RandAugment,
+    RandomErasing,
     build_eval_transform,
     build_train_transform,
     grey_level,
@@ -109,6 +110,50 @@ def test_scale_one_leaves_an_image_of_the_output_size_untouched():
     torch.manual_seed(0)
     for _ in range(50):
         assert np.array_equal(pixels_of(transform(Image.fromarray(pixels))), pixels)
+
+
+def test_random_erasing_replaces_one_box_by_noise():
+    """Each erased image differs from the original in exactly one axis-aligned box, of an
+    area in the asked range; the rest is untouched, every channel erased alike."""
+    erase = RandomErasing(prob=1.0, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3))
+    original = torch.full((3, 28, 28), 5.0)  # far outside N(0, 1): the noise never equals it
+    torch.manual_seed(0)
+    areas = []
+    for _ in range(100):
+        changed = (erase(original.clone()) != original).all(0)
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        box = changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and changed.sum() == box.numel()  # one full rectangle, nothing else
+        areas.append(box.numel() / 28 ** 2)
+    assert 0.01 <= min(areas) and max(areas) <= 1 / 3 + 0.05
+    assert max(areas) - min(areas) > 0.15  # the area really varies
+
+
+def test_random_erasing_probability_and_noise_statistics():
+    torch.manual_seed(0)
+    erase = RandomErasing(prob=0.25)
+    original = torch.full((1, 32, 32), 5.0)
+    erased = [erase(original.clone()) for _ in range(2000)]
+    rate = sum(not torch.equal(e, original) for e in erased) / len(erased)
+    assert rate == pytest.approx(0.25, abs=0.03)
+    noise = torch.cat([e[e != 5.0] for e in erased])
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.05)
+    assert noise.std().item() == pytest.approx(1.0, abs=0.05)
+    assert torch.equal(RandomErasing(prob=0.0)(original.clone()), original)
+    with pytest.raises(ValueError, match="probability"):
+        RandomErasing(prob=1.5)
+
+
+def test_train_transform_erases_after_normalising():
+    """The erased box holds noise in normalised units, whatever the image's mean and std."""
+    pixels = np.full((20, 20), 200, np.uint8)
+    transform = build_train_transform(20, (0.5,), (0.25,), scale=(1, 1), hflip=0.0,
+                                      random_erasing=1.0)
+    torch.manual_seed(3)
+    tensor = transform(Image.fromarray(pixels, "L"))
+    level = (200 / 255 - 0.5) / 0.25
+    kept = torch.isclose(tensor, torch.tensor(level))
+    assert 0 < (~kept).sum() < tensor.numel() and tensor[~kept].abs().max() < 6
 
 
 def test_train_transform_is_reproducible_from_torch_seed():

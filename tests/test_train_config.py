@@ -33,6 +33,7 @@ def test_overrides_win_over_the_file_and_model_kwargs_merge_by_key(tmp_path):
     ("scale: [0.5]\n", "scale must be a list of 2 numbers"),
     ("freeze_layers: 1\n", "freeze_layers must be a bool"),
     ("optimizer: adam\n", "optimizer must be one of adamw, sgd"),
+    ("random_erasing: 25\n", "random_erasing must be a probability"),
     ("- lr\n", "must hold a mapping"),
 ])
 def test_bad_recipes_are_rejected_naming_file_and_option(tmp_path, text, message):
@@ -40,7 +41,7 @@ def test_bad_recipes_are_rejected_naming_file_and_option(tmp_path, text, message
     recipe.write_text(text)
     with pytest.raises(ValueError, match=message) as err:
         load_config(recipe)
-    if "optimizer" not in text:
+    if "optimizer" not in text and "erasing" not in text:
         assert "bad.yaml" in str(err.value)
 
 

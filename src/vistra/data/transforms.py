@@ -205,8 +205,47 @@ def random_resized_crop_box(
 
 
 @dataclass(frozen=True)
+class RandomErasing:
+    """Random erasing (Zhong et al. 2020), timm's `--reprob` with `--remode pixel`.
+
+    With probability `prob`, one box of the normalised image tensor, of area fraction in
+    `scale` and log-uniform aspect ratio in `ratio`, is replaced by standard-normal noise
+    (the statistics of normalised pixels, so no new "black box" signal). Ten tries for a box
+    that fits, else the image is left as it is. Occlusion the model cannot rely on away
+    regularises late in training, where rescaling crops would change what the objects look like.
+    """
+
+    prob: float = 0.25
+    scale: tuple[float, float] = (0.02, 1 / 3)
+    ratio: tuple[float, float] = (0.3, 1 / 0.3)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"random erasing probability must be in [0, 1], got {self.prob}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"random erasing area range must be in (0, 1], got {self.scale}")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0 or torch.rand(()).item() >= self.prob:
+            return image
+        channels, height, width = image.shape
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            u_area, u_ratio, u_top, u_left = torch.rand(4).tolist()
+            area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u_area)
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < h < height and 0 < w < width:
+                top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+                image[:, top:top + h, left:left + w] = torch.randn(channels, h, w)
+                return image
+        return image
+
+
+@dataclass(frozen=True)
 class TrainTransform:
-    """RandomResizedCrop -> horizontal flip -> optional RandAugment -> normalised tensor.
+    """RandomResizedCrop -> horizontal flip -> optional RandAugment -> normalised tensor
+    -> optional random erasing.
 
     A class rather than a closure so DataLoader workers can pickle it under any start method.
     """
@@ -219,6 +258,7 @@ class TrainTransform:
     hflip: float
     randaugment: RandAugment | None
     resample: Image.Resampling
+    erasing: RandomErasing | None = None
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = _in_mode(image, len(self.mean))
@@ -234,7 +274,8 @@ class TrainTransform:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
             image = self.randaugment(image)
-        return to_tensor_normalized(image, self.mean, self.std)
+        tensor = to_tensor_normalized(image, self.mean, self.std)
+        return self.erasing(tensor) if self.erasing is not None else tensor
 
 
 @dataclass(frozen=True)
@@ -311,9 +352,11 @@ def build_train_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
     randaugment: tuple[int, float] | None = None,
+    random_erasing: float = 0.0,
     interpolation: str = "bicubic",
 ) -> TrainTransform:
-    """Training augmentation; `randaugment` is (num_ops, magnitude 0-10), e.g. (2, 9)."""
+    """Training augmentation; `randaugment` is (num_ops, magnitude 0-10), e.g. (2, 9);
+    `random_erasing` the probability of erasing a box of each image (0.25 is timm's usual)."""
     return TrainTransform(
         size=_pair(img_size),
         mean=tuple(mean),
@@ -323,6 +366,7 @@ def build_train_transform(
         hflip=hflip,
         randaugment=RandAugment(*randaugment) if randaugment else None,
         resample=_resampling(interpolation),
+        erasing=RandomErasing(random_erasing) if random_erasing else None,
     )
 
 

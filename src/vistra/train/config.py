@@ -60,6 +60,8 @@ class TrainConfig:
     hflip: float = _opt(0.5, "probability of a horizontal flip")
     randaugment_ops: int = _opt(0, "RandAugment ops per image (0: off; 2 is usual)")
     randaugment_magnitude: float = _opt(9.0, "RandAugment magnitude, 0-10")
+    random_erasing: float = _opt(0.0, "probability of replacing a random box of each training "
+                                      "image by noise (0: off; 0.25 is usual)")
     mixup: float = _opt(0.0, "mixup alpha (0: off; 0.8 is usual)")
     cutmix: float = _opt(0.0, "cutmix alpha (0: off; 1.0 is usual)")
     mix_prob: float = _opt(1.0, "probability that a batch is mixed when mixup/cutmix is on")
@@ -99,6 +101,9 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"random_erasing must be a probability in [0, 1], "
+                             f"got {self.random_erasing}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
 

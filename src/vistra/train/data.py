@@ -73,11 +73,13 @@ class SeededDataset(Dataset):
 
 
 def train_transform(model: nn.Module, cfg: TrainConfig) -> Transform:
-    """SPEC §3: RandomResizedCrop + flip (+ RandAugment) + the model's normalisation."""
+    """SPEC §3: RandomResizedCrop + flip (+ RandAugment) + the model's normalisation
+    (+ random erasing)."""
     dc = model.data_config
     randaugment = (cfg.randaugment_ops, cfg.randaugment_magnitude) if cfg.randaugment_ops else None
     transform = build_train_transform(dc.img_size, dc.mean, dc.std, scale=cfg.scale,
                                       hflip=cfg.hflip, randaugment=randaugment,
+                                      random_erasing=cfg.random_erasing,
                                       interpolation=dc.interpolation)
     return fit_channels(transform, model.arch.in_chans)
 

@@ -211,8 +211,8 @@ class RandomErasing:
     With probability `prob`, one box of the normalised image tensor, of area fraction in
     `scale` and log-uniform aspect ratio in `ratio`, is replaced by standard-normal noise
     (the statistics of normalised pixels, so no new "black box" signal). Ten tries for a box
-    that fits, else the image is left as it is. Occlusion the model cannot rely on away
-    regularises late in training, where rescaling crops would change what the objects look like.
+    that fits, else the image is left as it is. It regularises by hiding part of the
+    object, without rescaling it as crops do.
     """
 
     prob: float = 0.25

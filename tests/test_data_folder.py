@@ -201,3 +201,25 @@ def test_grey_level_dataset_hands_the_transform_L_images(tmp_path):
     assert np.array_equal(np.asarray(seen[0]), np.asarray(rgb.convert("L")))
     with pytest.raises(ValueError, match="channels"):
         ImageFolderDataset(split.train, transform=None, channels=2)
+
+
+def test_scan_keeps_decoded_images_for_a_cached_dataset(tmp_path):
+    root = make_folder(tmp_path, {"cat": 2, "dog": 2})
+    (root / "dog" / "broken.png").write_bytes(b"junk")
+    assert scan_image_folder(root, val_fraction=0).images == {}  # not asked: nothing held
+    split = scan_image_folder(root, val_fraction=0, keep_images=True)
+    assert sorted(split.images) == sorted(path for path, _ in split.train)  # not the broken one
+    first = split.train[1][0]
+    assert np.array_equal(np.asarray(split.images[first]), np.asarray(Image.open(first)))
+    for path, _ in split.train:
+        path.write_bytes(b"gone")  # the dataset must not read the files again
+    seen = []
+    grey = ImageFolderDataset(split.train, transform=lambda im: seen.append(im) or 0,
+                              cache=True, channels=1, decoded=split.images)
+    for i in range(4):
+        grey[i]
+    assert [im.mode for im in seen] == ["L"] * 4
+    assert np.array_equal(np.asarray(seen[1]), np.asarray(split.images[first].convert("L")))
+    uncached = ImageFolderDataset(split.train, transform=None, decoded=split.images)
+    with pytest.raises(RuntimeError, match="000.png"):  # `decoded` fills a cache, no more
+        uncached[0]

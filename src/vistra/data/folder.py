@@ -14,7 +14,7 @@ import os
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,8 @@ class DatasetSplit:
     val: list[Sample]
     skipped: list[tuple[Path, str]]
     split_source: str  # "random" (split by vistra) or "folders" (train/ and val/ given)
+    # What the scan decoded, when asked to keep it: a cached dataset then starts full.
+    images: dict[Path, Image.Image] = field(default_factory=dict, repr=False)
 
 
 def scan_image_folder(
@@ -46,6 +48,7 @@ def scan_image_folder(
     seed: int = 0,
     check: bool = True,
     workers: int | None = None,
+    keep_images: bool = False,
 ) -> DatasetSplit:
     """Find the classes and images under `root` and split them into train and validation.
 
@@ -53,7 +56,9 @@ def scan_image_folder(
     depends only on `seed`, the class name and the sorted file names: not on the order the
     file system lists them, nor on which other classes exist. With `check`, every file is
     decoded (in `workers` threads; Pillow releases the GIL while decoding) and failures go to
-    `skipped` with a reason. Raises ValueError for a folder that cannot make a classifier.
+    `skipped` with a reason; `keep_images` keeps the decoded RGB images in `images`, for a
+    dataset that caches them anyway (it saves decoding each file a second time in the first
+    epoch). Raises ValueError for a folder that cannot make a classifier.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -78,7 +83,8 @@ def scan_image_folder(
         )
 
     listed = {folder: _list_files(folder) for folders in class_dirs.values() for folder in folders}
-    reasons = _vet([path for files in listed.values() for path in files], check, workers)
+    reasons, decoded = _vet([path for files in listed.values() for path in files], check,
+                            workers, keep_images)
     skipped = sorted((path, reasons[path]) for path in reasons if reasons[path])
     found: dict[str, dict[str, list[Path]]] = {part: {} for part in class_dirs}
     for part, folders in class_dirs.items():
@@ -99,7 +105,7 @@ def scan_image_folder(
             train_paths, val_paths = _split_class(paths, name, val_fraction, seed)
             train += [(path, index[name]) for path in train_paths]
             val += [(path, index[name]) for path in val_paths]
-    return DatasetSplit(classes, train, val, skipped, split_source)
+    return DatasetSplit(classes, train, val, skipped, split_source, decoded)
 
 
 def _visible_subdirs(folder: Path) -> list[Path]:
@@ -115,16 +121,34 @@ def _list_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _vet(files: list[Path], check: bool, workers: int | None) -> dict[Path, str | None]:
-    """Map each file to None (usable) or the reason it is skipped."""
+def _vet(files: list[Path], check: bool, workers: int | None, keep: bool
+         ) -> tuple[dict[Path, str | None], dict[Path, Image.Image]]:
+    """Map each file to None (usable) or the reason it is skipped; with `keep`, also the
+    usable files to their decoded images."""
     reasons: dict[Path, str | None] = {
         path: None if is_image_file(path) else "not an image file type" for path in files
     }
+    images: dict[Path, Image.Image] = {}
     if check:
         candidates = [path for path, reason in reasons.items() if reason is None]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            reasons.update(zip(candidates, pool.map(check_image, candidates), strict=True))
-    return reasons
+            for path, (reason, image) in zip(candidates, pool.map(
+                    _load_or_reason if keep else _check_only, candidates), strict=True):
+                reasons[path] = reason
+                if image is not None:
+                    images[path] = image
+    return reasons, images
+
+
+def _check_only(path: Path) -> tuple[str | None, None]:
+    return check_image(path), None
+
+
+def _load_or_reason(path: Path) -> tuple[str | None, Image.Image | None]:
+    try:
+        return None, load_rgb(path)
+    except ImageLoadError as error:
+        return error.reason, None
 
 
 def _why(rejected: list[tuple[Path, str]]) -> str:
@@ -220,7 +244,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     With `cache`, each image is decoded once and kept: for datasets that fit in memory, where
     decoding would otherwise cost as much as the model (a 28x28 PNG takes ~0.3 ms to open and
     decode). Each DataLoader worker process fills a cache of its own. It holds the images in
-    the mode the transform works in, so that conversion too is done once.
+    the mode the transform works in, so that conversion too is done once. `decoded` (the
+    scan's `DatasetSplit.images`) fills the cache from the start.
     """
 
     def __init__(
@@ -229,11 +254,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         transform: Callable[[Image.Image], torch.Tensor] | None,
         cache: bool = False,
         channels: int = 3,
+        decoded: dict[Path, Image.Image] | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.mode = pixel_mode(channels)
-        self._cache: dict[int, Image.Image] | None = {} if cache else None
+        self._cache: dict[int, Image.Image] | None = None
+        if cache:
+            decoded = decoded or {}
+            self._cache = {i: self._in_mode(decoded[path])
+                           for i, (path, _) in enumerate(self.samples) if path in decoded}
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -246,8 +276,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 image = load_rgb(path)
             except ImageLoadError as error:  # changed on disk since the scan, or never checked
                 raise RuntimeError(f"failed to load {path}: {error.reason}") from error
-            if self.mode != image.mode:
-                image = image.convert(self.mode)
+            image = self._in_mode(image)
             if self._cache is not None:
                 self._cache[index] = image
         return (self.transform(image) if self.transform else image), label
+
+    def _in_mode(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)

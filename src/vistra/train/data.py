@@ -88,7 +88,7 @@ def build_loaders(split: DatasetSplit, model: nn.Module, cfg: TrainConfig,
                   ctx: DistContext) -> tuple[DataLoader, EpochSeededSampler, DataLoader]:
     """Train loader (shuffled per epoch, sharded over processes) and this process's share of
     the validation images (every image counted once over all processes)."""
-    images = dict(cache=cfg.cache_images, channels=model.arch.in_chans)
+    images = dict(cache=cfg.cache_images, channels=model.arch.in_chans, decoded=split.images)
     train_set = SeededDataset(ImageFolderDataset(split.train, train_transform(model, cfg),
                                                     **images))
     sampler = EpochSeededSampler(

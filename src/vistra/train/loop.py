@@ -113,7 +113,8 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetS
     """Rank 0 scans (decoding every file once), reports and writes the class files."""
     if not ctx.is_main:
         return broadcast_from_main(None, ctx)
-    split = scan_image_folder(cfg.data, cfg.val_fraction, cfg.seed)
+    # Cached images are kept from the scan, which decodes every file anyway.
+    split = scan_image_folder(cfg.data, cfg.val_fraction, cfg.seed, keep_images=cfg.cache_images)
     if not split.val:
         raise ValueError(f"{cfg.data}: no validation images; set val_fraction above 0 or add "
                          "a val/ folder")
@@ -130,7 +131,9 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetS
         f"{cfg.val_fraction:.0%} of each class held out, seed {cfg.seed}"
     _say(ctx, cfg, f"{cfg.data}: {len(split.classes)} classes ({where})\n"
                    f"{format_class_counts(split)}")
-    return broadcast_from_main(split, ctx)
+    if ctx.distributed:  # the other ranks decode their own shards: no images on the wire
+        broadcast_from_main(replace(split, images={}), ctx)
+    return split
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None) -> nn.Module:
@@ -220,6 +223,7 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
     model.to(ctx.device, memory_format=torch.channels_last)
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
     train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
+    split.images.clear()  # the loaders' caches hold them now, in the model's mode
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
     best = {"best_top1": -1.0, "best_epoch": 0, "best_weights": "model"}

@@ -84,7 +84,8 @@ def ensure_data(data: Path, source: str | None) -> None:
 
 def finished(run_dir: Path, epochs: int) -> bool:
     history = read_metrics(run_dir)
-    done = bool(history) and history[-1]["epoch"] >= epochs
+    # a time budget may have ended the run before the recipe's `epochs` (its maximum)
+    done = bool(history) and history[-1]["epoch"] >= history[-1].get("epochs", epochs)
     return done and (run_dir / "best.safetensors").exists()
 
 

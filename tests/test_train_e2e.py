@@ -78,7 +78,7 @@ def test_metrics_file_has_one_line_per_epoch_and_accuracy_beats_chance(run):
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert set(lines[0]) == {"epoch", "train_loss", "train_acc", "val_loss", "val_top1",
-                             "val_top5", "lr", "seconds", "ema_val_top1"}
+                             "val_top5", "lr", "seconds", "epochs", "ema_val_top1"}
     assert lines == result.history
     assert result.best_top1 > 1 / 3 + 0.2
     assert max(max(r["val_top1"], r["ema_val_top1"]) for r in lines) == result.best_top1

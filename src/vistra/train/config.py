@@ -68,7 +68,11 @@ class TrainConfig:
     mix_switch_prob: float = _opt(0.5, "probability of cutmix rather than mixup when both on")
     label_smoothing: float = _opt(0.0, "label smoothing (0.1 is usual)")
     # --- optimisation ---
-    epochs: int = _opt(10, "training epochs")
+    epochs: int = _opt(10, "training epochs (with time_budget: the most)")
+    time_budget: float | None = _opt(None, "minutes of training: as many epochs as fit, up to "
+                                           "`epochs`, the schedule ending with the last "
+                                           "(chosen after warmup from measured epoch times)",
+                                     metavar="MIN")
     optimizer: str = _opt("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = _opt(1e-4, "peak learning rate (not scaled with batch size or processes)")
     lrf: float = _opt(0.01, "final learning rate as a fraction of lr (cosine schedule)")
@@ -101,6 +105,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ValueError(f"time_budget must be positive minutes, got {self.time_budget}")
         if not 0 <= self.random_erasing <= 1:
             raise ValueError(f"random_erasing must be a probability in [0, 1], "
                              f"got {self.random_erasing}")

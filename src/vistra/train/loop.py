@@ -34,6 +34,7 @@ from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
 from vistra.factory import create_model
 from vistra.weights import save_checkpoint
 
+from .budget import epochs_within, warmup_end
 from .checkpoint import load_training_state, save_training_state
 from .config import TrainConfig, config_from_dict
 from .data import build_loaders, draw_seed
@@ -46,7 +47,7 @@ from .distributed import (
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, shorten_schedule
 from .params import freeze_all_but_head
 
 LAST = "last.ckpt"
@@ -210,6 +211,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) -> TrainResult:
+    clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     split = _prepare_data(cfg, ctx, run_dir)
@@ -256,13 +258,16 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
     logger = None
     if ctx.is_main:
         history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
+        clock -= sum(r["seconds"] for r in history)
         logger = RunLogger(run_dir, history)
         if state is None:  # so that even an interruption in epoch 1 can be resumed
             save_training_state(training_state(0), run_dir / LAST)
         _say(ctx, cfg, f"run directory: {run_dir}")
     epoch = completed = start_epoch
+    planned = cfg.epochs
     try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        while epoch < cfg.epochs:  # cfg.epochs may shrink to fit the time budget
+            epoch += 1
             start = time.perf_counter()
             sampler.set_epoch(epoch)
             train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, scheduler,
@@ -281,6 +286,12 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
             if improved:
                 best = {"best_top1": top1, "best_epoch": epoch, "best_weights": which}
             record["seconds"] = round(time.perf_counter() - start, 3)
+            fitted = _fit_time_budget(cfg, ctx, epoch, record["seconds"],
+                                      time.perf_counter() - clock)
+            if fitted < cfg.epochs:
+                shorten_schedule(scheduler, fitted * len(train_loader))
+                cfg = replace(cfg, epochs=fitted)  # so the saved state resumes the same way
+            record["epochs"] = cfg.epochs
             if ctx.is_main:
                 if improved:
                     save_checkpoint(weights, run_dir / BEST, classes=split.classes,
@@ -290,6 +301,11 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                 completed = epoch
                 logger.log(record)
                 _say(ctx, cfg, _epoch_line(record, cfg.epochs, which if improved else None))
+                if record["epochs"] != planned:
+                    _say(ctx, cfg, f"time budget {cfg.time_budget:g} min: epoch {epoch} took "
+                                   f"{record['seconds']:.0f} s, {cfg.epochs} epochs fit; the "
+                                   f"schedule now ends with epoch {cfg.epochs}")
+                    planned = cfg.epochs
     except KeyboardInterrupt:
         if ctx.is_main:
             print(f"\ninterrupted in epoch {epoch}; {run_dir / LAST} holds the state after "
@@ -304,6 +320,15 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                    f"{best['best_weights']} weights) -> {run_dir / BEST}")
     return TrainResult(run_dir, best["best_top1"], best["best_epoch"], best["best_weights"],
                        history, split, model)
+
+
+def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_seconds: float,
+                     elapsed: float) -> int:
+    """The epochs that fit cfg.time_budget (rank 0's measurement, so all ranks agree)."""
+    if cfg.time_budget is None or epoch < warmup_end(cfg.warmup_epochs):
+        return cfg.epochs
+    fitted = epochs_within(cfg.time_budget * 60, elapsed, epoch, epoch_seconds, cfg.epochs)
+    return broadcast_from_main(fitted, ctx)
 
 
 def _epoch_line(r: dict, epochs: int, saved: str | None) -> str:

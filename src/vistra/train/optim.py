@@ -47,3 +47,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, cfg.lrf))
+
+
+def shorten_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+    """End the cosine at `total_steps` instead (a time budget's choice), from the next step
+    on: the optimizer's learning rates are set to the shortened schedule's at once."""
+    schedule = scheduler.lr_lambdas[0]
+    schedule.total_steps = total_steps
+    for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -1,17 +1,19 @@
 """A time budget for training: as many epochs as this machine's measured speed allows.
 
 The number of epochs fixes where the cosine schedule ends, so it is chosen once the warmup is
-over (the warmup does not depend on it), from how long the last epoch took, and chosen again
-after every later epoch: a machine that slows down (shared cores drift by a third within a
-run here) gets a shorter schedule. Never a longer one: that would raise the learning rate
-again, and a run that fitted its budget once already has the epochs it was promised.
+over (the warmup does not depend on it) and chosen again after every later epoch, from the
+median epoch time so far: one slow epoch (the first, say) does not cut the schedule short,
+and a machine that stays slower (shared cores here drift by a third within a run) gets a
+shorter one. Early on, a change moves the learning rate little; late changes are rare, since
+the median then rests on many epochs.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
-SAFETY = 0.05  # epochs are planned 5% longer than the last one took
+SAFETY = 0.05  # epochs to come are planned 5% longer than the median so far
 
 
 def warmup_end(warmup_epochs: float) -> int:
@@ -19,10 +21,12 @@ def warmup_end(warmup_epochs: float) -> int:
     return max(1, math.ceil(warmup_epochs))
 
 
-def epochs_within(budget_seconds: float, elapsed_seconds: float, done: int,
-                  last_epoch_seconds: float, planned: int) -> int:
-    """The most epochs, between `done` and `planned`, that end within the budget if each
-    epoch to come takes as long as the last one (plus SAFETY)."""
-    per_epoch = last_epoch_seconds * (1 + SAFETY)
+def epochs_within(budget_seconds: float, elapsed_seconds: float, epoch_seconds: list[float],
+                  most: int) -> int:
+    """The most epochs, at least those done (`epoch_seconds` has one entry each) and at most
+    `most`, that end within the budget if each epoch to come takes the median time so far
+    (plus SAFETY)."""
+    done = len(epoch_seconds)
+    per_epoch = statistics.median(epoch_seconds) * (1 + SAFETY)
     more = math.floor(max(budget_seconds - elapsed_seconds, 0.0) / per_epoch)
-    return max(done, min(planned, done + more))
+    return max(done, min(most, done + more))

@@ -9,6 +9,7 @@ and best.safetensors when validation top-1 improved.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -47,7 +48,7 @@ from .distributed import (
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
-from .optim import build_optimizer, build_scheduler, shorten_schedule
+from .optim import build_optimizer, build_scheduler, schedule_length, set_schedule_length
 from .params import freeze_all_but_head
 
 LAST = "last.ckpt"
@@ -157,7 +158,7 @@ def _loss(output, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig,
                     ctx: DistContext, epoch: int, ema: ModelEma | None,
-                    mixer: MixupCutmix | None) -> tuple[float, float]:
+                    mixer: MixupCutmix | None, epochs: int) -> tuple[float, float]:
     """One pass over this process's shard; returns (loss, accuracy) over all processes.
 
     Accuracy is of the argmax against the image's own label (under mixup, the label of the
@@ -166,7 +167,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
     model.train()
     torch.manual_seed(draw_seed(cfg.seed, epoch, -1 - ctx.rank))  # dropout, mixup draws
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
-    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                disable=not ctx.is_main or cfg.quiet, dynamic_ncols=True)
     start = time.perf_counter()
     for images, targets in bar:
@@ -256,22 +257,25 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                 "ema": ema.state_dict() if ema is not None else None}
 
     logger = None
+    epoch_times: list[float] = []  # seconds per epoch, the run's earlier processes' included
     if ctx.is_main:
         history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
-        clock -= sum(r["seconds"] for r in history)
+        epoch_times = [r["seconds"] for r in history]
+        clock -= sum(epoch_times)
         logger = RunLogger(run_dir, history)
         if state is None:  # so that even an interruption in epoch 1 can be resumed
             save_training_state(training_state(0), run_dir / LAST)
         _say(ctx, cfg, f"run directory: {run_dir}")
     epoch = completed = start_epoch
-    planned = cfg.epochs
+    # the epochs the schedule ends with: cfg.epochs, or what fits the time budget
+    planned = schedule_length(scheduler) // len(train_loader)
     try:
-        while epoch < cfg.epochs:  # cfg.epochs may shrink to fit the time budget
+        while epoch < planned:
             epoch += 1
             start = time.perf_counter()
             sampler.set_epoch(epoch)
             train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, scheduler,
-                                                    cfg, ctx, epoch, ema, mixer)
+                                                    cfg, ctx, epoch, ema, mixer, planned)
             val = _validate(model, val_loader, num_classes, cfg, ctx)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                       "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
@@ -286,12 +290,13 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
             if improved:
                 best = {"best_top1": top1, "best_epoch": epoch, "best_weights": which}
             record["seconds"] = round(time.perf_counter() - start, 3)
-            fitted = _fit_time_budget(cfg, ctx, epoch, record["seconds"],
-                                      time.perf_counter() - clock)
-            if fitted < cfg.epochs:
-                shorten_schedule(scheduler, fitted * len(train_loader))
-                cfg = replace(cfg, epochs=fitted)  # so the saved state resumes the same way
-            record["epochs"] = cfg.epochs
+            epoch_times.append(record["seconds"])
+            fitted = _fit_time_budget(cfg, ctx, epoch, epoch_times, time.perf_counter() - clock)
+            replanned = fitted not in (None, planned)
+            if replanned:
+                set_schedule_length(scheduler, fitted * len(train_loader))  # saved with it
+                planned = fitted
+            record["epochs"] = planned
             if ctx.is_main:
                 if improved:
                     save_checkpoint(weights, run_dir / BEST, classes=split.classes,
@@ -300,12 +305,11 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                 save_training_state(training_state(epoch), run_dir / LAST)
                 completed = epoch
                 logger.log(record)
-                _say(ctx, cfg, _epoch_line(record, cfg.epochs, which if improved else None))
-                if record["epochs"] != planned:
-                    _say(ctx, cfg, f"time budget {cfg.time_budget:g} min: epoch {epoch} took "
-                                   f"{record['seconds']:.0f} s, {cfg.epochs} epochs fit; the "
-                                   f"schedule now ends with epoch {cfg.epochs}")
-                    planned = cfg.epochs
+                _say(ctx, cfg, _epoch_line(record, which if improved else None))
+                if replanned:
+                    _say(ctx, cfg, f"time budget {cfg.time_budget:g} min: epochs take "
+                                   f"{statistics.median(epoch_times):.0f} s, {planned} fit; "
+                                   f"the schedule now ends with epoch {planned}")
     except KeyboardInterrupt:
         if ctx.is_main:
             print(f"\ninterrupted in epoch {epoch}; {run_dir / LAST} holds the state after "
@@ -322,18 +326,19 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                        history, split, model)
 
 
-def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_seconds: float,
-                     elapsed: float) -> int:
-    """The epochs that fit cfg.time_budget (rank 0's measurement, so all ranks agree)."""
+def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_times: list[float],
+                     elapsed: float) -> int | None:
+    """The epochs that fit cfg.time_budget (rank 0's measurement, so all ranks agree), or
+    None while the schedule does not depend on them yet."""
     if cfg.time_budget is None or epoch < warmup_end(cfg.warmup_epochs):
-        return cfg.epochs
-    fitted = epochs_within(cfg.time_budget * 60, elapsed, epoch, epoch_seconds, cfg.epochs)
-    return broadcast_from_main(fitted, ctx)
+        return None
+    return broadcast_from_main(
+        epochs_within(cfg.time_budget * 60, elapsed, epoch_times, cfg.epochs), ctx)
 
 
-def _epoch_line(r: dict, epochs: int, saved: str | None) -> str:
+def _epoch_line(r: dict, saved: str | None) -> str:
     ema = f" (EMA {r['ema_val_top1']:.1%})" if "ema_val_top1" in r else ""
     best = f"  -> best ({saved} weights)" if saved else ""
-    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc "
+    return (f"epoch {r['epoch']}/{r['epochs']}  train loss {r['train_loss']:.4f} acc "
             f"{r['train_acc']:.1%}  val loss {r['val_loss']:.4f} top-1 {r['val_top1']:.1%}"
             f"{ema} top-5 {r['val_top5']:.1%}  lr {r['lr']:.2e}  {r['seconds']:.1f}s{best}")

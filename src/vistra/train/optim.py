@@ -49,9 +49,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, cfg.lrf))
 
 
-def shorten_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
+def schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR) -> int:
+    """The step with which the cosine ends."""
+    return scheduler.lr_lambdas[0].total_steps
+
+
+def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_steps: int) -> None:
     """End the cosine at `total_steps` instead (a time budget's choice), from the next step
-    on: the optimizer's learning rates are set to the shortened schedule's at once."""
+    on: the optimizer's learning rates are set to the changed schedule's at once. The length
+    is part of the scheduler's state_dict, so a resumed run keeps it."""
     schedule = scheduler.lr_lambdas[0]
     schedule.total_steps = total_steps
     for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):

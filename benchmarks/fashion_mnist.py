@@ -183,7 +183,9 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> Path:
         f"{rows[0]['test_images']:,} test images, which training never saw: the checkpoint was "
         "chosen on validation images held out of the training set (the recipe's val_fraction). "
         "Train wall minutes: the whole `vistra train` command (folder scan, epochs, "
-        "validation, checkpoints). With flip TTA: the same command with `--tta-flip`, each "
+        "validation, checkpoints). Epochs: as many as the recipe's `time_budget` let the run "
+        "fit on this machine that day (the speed of these shared cores drifts). "
+        "With flip TTA: the same command with `--tta-flip`, each "
         "image's prediction the mean of its own and its mirror image's (the recipes train with "
         "horizontal flips; twice the inference compute, training unchanged).",
         "",

@@ -8,7 +8,7 @@ from test_train_e2e import make_colour_folder, tiny_config
 
 import vistra.train.loop as loop
 from vistra.train import train
-from vistra.train.budget import epochs_within, warmup_end
+from vistra.train.budget import epochs_within, replan, warmup_end
 from vistra.train.checkpoint import load_training_state
 from vistra.train.config import TrainConfig
 from vistra.train.optim import build_optimizer, build_scheduler, set_schedule_length
@@ -23,6 +23,15 @@ def test_epochs_within_counts_what_fits_with_a_safety_margin():
     assert epochs_within(1100, 400, [200.0, 100.0, 100.0], 30) == 3 + 6
     assert epochs_within(1100, 700, [100.0, 200.0, 200.0, 200.0], 30) == 4 + 1
     assert warmup_end(0) == 1 and warmup_end(1) == 1 and warmup_end(1.5) == 2
+
+
+def test_a_plan_grows_only_with_a_wider_margin_than_it_keeps_with():
+    # 100 s epochs, 1000 s left: 10 epochs fit at 105 s each, 9 at 115 s
+    assert replan(1100, 100, [100.0], planned=12, most=40) == 10  # shrinks to what fits
+    assert replan(1100, 100, [100.0], planned=10, most=40) == 10
+    assert replan(1100, 100, [100.0], planned=9, most=40) == 9  # on the edge: no flip-flop
+    assert replan(1100, 100, [100.0], planned=8, most=40) == 9  # room to spare: grows
+    assert replan(1100, 100, [100.0], planned=8, most=8) == 8
 
 
 def test_a_shortened_schedule_continues_as_if_built_that_short():

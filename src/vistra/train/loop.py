@@ -35,7 +35,7 @@ from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
 from vistra.factory import create_model
 from vistra.weights import save_checkpoint
 
-from .budget import epochs_within, warmup_end
+from .budget import replan, warmup_end
 from .checkpoint import load_training_state, save_training_state
 from .config import TrainConfig, config_from_dict
 from .data import build_loaders, draw_seed
@@ -291,7 +291,8 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                 best = {"best_top1": top1, "best_epoch": epoch, "best_weights": which}
             record["seconds"] = round(time.perf_counter() - start, 3)
             epoch_times.append(record["seconds"])
-            fitted = _fit_time_budget(cfg, ctx, epoch, epoch_times, time.perf_counter() - clock)
+            fitted = _fit_time_budget(cfg, ctx, epoch, epoch_times, time.perf_counter() - clock,
+                                      planned)
             replanned = fitted not in (None, planned)
             if replanned:
                 set_schedule_length(scheduler, fitted * len(train_loader))  # saved with it
@@ -327,13 +328,13 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
 
 
 def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_times: list[float],
-                     elapsed: float) -> int | None:
+                     elapsed: float, planned: int) -> int | None:
     """The epochs that fit cfg.time_budget (rank 0's measurement, so all ranks agree), or
     None while the schedule does not depend on them yet."""
     if cfg.time_budget is None or epoch < warmup_end(cfg.warmup_epochs):
         return None
     return broadcast_from_main(
-        epochs_within(cfg.time_budget * 60, elapsed, epoch_times, cfg.epochs), ctx)
+        replan(cfg.time_budget * 60, elapsed, epoch_times, planned, cfg.epochs), ctx)
 
 
 def _epoch_line(r: dict, saved: str | None) -> str:

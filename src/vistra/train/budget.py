@@ -6,7 +6,8 @@ median epoch time so far: one slow epoch (the first, say) does not cut the sched
 and a machine that stays slower (shared cores here drift by a third within a run) gets a
 shorter one. A longer schedule needs three times the margin of keeping the current one, so
 that a plan on the edge does not flip between two lengths, each flip moving the learning
-rate.
+rate. A machine that sped up may add epochs even after the last planned one: they run at the
+end of the cosine (about lr * lrf), a gentle use of the time left.
 """
 
 from __future__ import annotations

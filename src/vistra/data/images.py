@@ -8,6 +8,7 @@ be reported by name when the folder is scanned, not crash an epoch half-way thro
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     Raises ImageLoadError (naming the file) for anything that is not a complete image.
     """
     return _decode(Path(path), quick=False)
+
+
+def decode_rgb(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`load_rgb` for an image held in memory (an HTTP upload): nothing touches the disk.
+
+    `name` stands for the file in errors; images over `max_pixels` are refused before any
+    pixel is decoded, so a small file that expands to gigabytes costs nothing.
+    """
+    return _decode(Path(name), quick=False, data=data, max_pixels=max_pixels)
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -94,11 +104,12 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _decode(path: Path, quick: bool) -> Image.Image:
+def _decode(path: Path, quick: bool, data: bytes | None = None,
+            max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > MAX_PIXELS:
+            if width * height > max_pixels:
                 raise ImageLoadError(path, f"too large ({width}x{height} pixels)")
             if quick and image.format == "JPEG":
                 image.draft(None, (1, 1))

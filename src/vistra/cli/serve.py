@@ -1,0 +1,56 @@
+"""`vistra serve MODEL`: classify images over HTTP, with a web page at `/`."""
+
+from __future__ import annotations
+
+import argparse
+
+from vistra.serve.settings import ServeSettings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = ServeSettings()
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP, with a web page to drop images on",
+        description="An HTTP classification service (FastAPI on uvicorn): POST an image to "
+                    "/v1/predict, open / in a browser, scrape /metrics with Prometheus. The "
+                    "API is described at /openapi.json (and /docs). Requests that arrive "
+                    "within --max-wait-ms of each other share one forward pass.")
+    p.add_argument("model", help="a .safetensors written by `vistra train` (or an exported .onnx)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"images per forward pass (default: {d.max_batch}; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="how long a request waits for others to batch with "
+                        f"(default: {d.max_wait_ms:g})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, each with its own copy of the model (default: 1)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per process (default: torch's choice)")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                   help=f"request body limit in MB (default: {d.max_upload_mb:g})")
+    p.add_argument("--max-megapixels", type=float, default=d.max_megapixels,
+                   help=f"decoded image size limit (default: {d.max_megapixels:g})")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help="predictions in progress at once; more are refused with 503 "
+                        f"(default: {d.queue_size})")
+    p.add_argument("--timeout-s", type=float, default=d.timeout_s,
+                   help=f"per request; later answers 504 (default: {d.timeout_s:g})")
+    p.add_argument("--explain", action="store_true",
+                   help="offer heat maps (?explain=METHOD and on the page); they cost a "
+                        "backward pass each, so they are off by default")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ServeSettings(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+        queue_size=args.queue_size, timeout_s=args.timeout_s,
+        preprocess_threads=max(2, args.threads or 2), max_megapixels=args.max_megapixels,
+        explain=args.explain)
+    from vistra.serve.server import run as run_server
+
+    run_server(args.model, settings, host=args.host, port=args.port, workers=args.workers,
+               threads=args.threads)
+    return 0

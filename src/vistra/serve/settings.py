@@ -1,0 +1,34 @@
+"""The limits and batching of one service, shared by the command line and `create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching of one service; the command line fills it from its options."""
+
+    max_batch: int = 16  # images per forward pass
+    max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
+    max_upload_mb: float = 20.0  # request body limit (a batch request included)
+    queue_size: int = 64  # predictions in the service at once; more get 503
+    timeout_s: float = 30.0  # per request, from arrival to answer; later gets 504
+    preprocess_threads: int = 2  # threads decoding and transforming images
+    max_megapixels: float = 40.0  # decoded size limit: a 40 MP RGB image is 120 MB
+    max_aspect_ratio: float = 50.0  # long side / short side; beyond it nothing is recognisable
+    explain: bool = False  # heat maps on request (?explain=METHOD): costly, so opt-in
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "preprocess_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
+        for name in ("max_upload_mb", "timeout_s", "max_megapixels", "max_aspect_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -129,3 +129,26 @@ def test_huge_image_is_refused_before_decoding(tmp_path, monkeypatch):
     assert check_image(path).startswith("too large")
     with pytest.raises(ImageLoadError, match="bomb.png"):
         load_rgb(path)
+
+
+def test_decode_rgb_reads_bytes_like_load_rgb_reads_files(tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("LA", (9, 5), (100, 0)).save(path)  # transparent grey: white once flattened
+    from_bytes = images.decode_rgb(path.read_bytes(), "x.png")
+    assert from_bytes.mode == "RGB" and np.array_equal(np.asarray(from_bytes),
+                                                       np.asarray(load_rgb(path)))
+    with pytest.raises(ImageLoadError, match="too large"):
+        images.decode_rgb(path.read_bytes(), max_pixels=44)
+    with pytest.raises(ImageLoadError, match="upload: truncated"):
+        images.decode_rgb(_noise_png_bytes()[:3000])
+    with pytest.raises(ImageLoadError, match="not an image"):
+        images.decode_rgb(b"plain text")
+
+
+def _noise_png_bytes() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

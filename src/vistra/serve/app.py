@@ -277,8 +277,10 @@ class _Service:
         except MultipartParseError as error:
             raise HTTPException(400, f"malformed multipart body: {error}") from error
         if not files:
-            raise HTTPException(400, "no image received: send it as multipart field 'file' "
-                                "or as the request body")
+            raise HTTPException(400, "no part named 'file' in the multipart body"
+                                if kind == b"multipart/form-data" else
+                                "empty request body: send an image as multipart field 'file' "
+                                "or as the body")
         return files
 
     def _too_large(self, size: int, more: bool = False) -> HTTPException:
@@ -288,6 +290,8 @@ class _Service:
     async def prepare(self, upload: Upload, keep_image: bool
                       ) -> tuple[torch.Tensor, Image.Image | None]:
         """Decode and transform on the preprocessing threads (never on the event loop)."""
+        if not upload.data:
+            raise HTTPException(400, f"{upload.name} is empty")
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.pool, self._prepare, upload, keep_image)
@@ -468,8 +472,9 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     app.state.service = service
     topk_query = Query(5, ge=1, description="how many classes to return")
 
-    @app.post("/v1/predict", response_model=Prediction, openapi_extra={"requestBody": _IMAGE_BODY},
-              responses=_ERRORS, summary="Classify one image")
+    @app.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True,
+              openapi_extra={"requestBody": _IMAGE_BODY}, responses=_ERRORS,
+              summary="Classify one image")
     async def predict(request: Request, topk: int = topk_query,
                       explain: str | None = Query(None, description="heat map method, "
                                                   "see GET /v1/model")) -> dict:
@@ -484,7 +489,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
                 return await service.predict(files[0], topk, start, explain)
             return await service.within_time(work())
 
-    @app.post("/v1/predict/batch", response_model=list[BatchItem],
+    @app.post("/v1/predict/batch", response_model=list[BatchItem], response_model_exclude_none=True,
               openapi_extra={"requestBody": _FILES_BODY}, responses=_ERRORS,
               summary="Classify several images (multipart fields named 'file')")
     async def predict_batch(request: Request, topk: int = topk_query) -> list[dict]:

@@ -47,11 +47,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return _decode(Path(path), quick=False)
 
 
-def decode_rgb(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_rgb(data: bytes, name: str = "upload", max_pixels: int | None = None) -> Image.Image:
     """`load_rgb` for an image held in memory (an HTTP upload): nothing touches the disk.
 
-    `name` stands for the file in errors; images over `max_pixels` are refused before any
-    pixel is decoded, so a small file that expands to gigabytes costs nothing.
+    `name` stands for the file in errors; images over `max_pixels` (default MAX_PIXELS) are
+    refused before any pixel is decoded, so a small file that expands to gigabytes costs
+    nothing.
     """
     return _decode(Path(name), quick=False, data=data, max_pixels=max_pixels)
 
@@ -105,7 +106,8 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 
 
 def _decode(path: Path, quick: bool, data: bytes | None = None,
-            max_pixels: int = MAX_PIXELS) -> Image.Image:
+            max_pixels: int | None = None) -> Image.Image:
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             width, height = image.size

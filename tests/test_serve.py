@@ -140,6 +140,9 @@ def test_model_health_readiness_and_page(client, classifier):
     schema = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz", "/readyz",
             "/metrics"} <= set(schema["paths"])
+    docs = client.get("/docs")  # the reference, rendered here: no CDN scripts, works offline
+    assert docs.status_code == 200 and not re.search("https?:|<script", docs.text)
+    assert all(f"<code>{path}</code>" in docs.text for path in schema["paths"])
 
 
 def test_readyz_waits_for_the_warm_up(classifier):

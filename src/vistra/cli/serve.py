@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over HTTP, with a web page to drop images on",
         description="An HTTP classification service (FastAPI on uvicorn): POST an image to "
                     "/v1/predict, open / in a browser, scrape /metrics with Prometheus. The "
-                    "API is described at /openapi.json (and /docs). Requests that arrive "
+                    "API is described at /docs (offline) and /openapi.json. Requests that arrive "
                     "within --max-wait-ms of each other share one forward pass.")
     p.add_argument("model", help="a .safetensors written by `vistra train` (or an exported .onnx)")
     p.add_argument("--host", default="127.0.0.1",

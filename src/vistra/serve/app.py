@@ -44,6 +44,7 @@ from vistra import __version__
 from vistra.data.images import ImageLoadError, decode_rgb
 from vistra.runtime import Classifier
 from vistra.serve.batcher import Batcher
+from vistra.serve.reference import render_reference
 from vistra.serve.settings import ServeSettings
 
 log = logging.getLogger("vistra.serve")
@@ -464,7 +465,7 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
         service.close()
 
     app = FastAPI(title=f"vistra serve: {classifier.name}", version=__version__,
-                  lifespan=lifespan, redoc_url=None,
+                  lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Image classification with a vistra model. Send an image, get "
                   "the top classes with probabilities. Limits: body "
                   f"{settings.max_upload_mb:g} MB, {settings.max_megapixels:g} megapixels, "
@@ -529,6 +530,10 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
     async def metrics() -> Response:
         return Response(generate_latest(service.metrics.registry),
                         media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_reference(app.openapi()))
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -10,6 +10,7 @@ into the model) is queued as a job and runs alone on the same thread.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
@@ -46,6 +47,8 @@ class Batcher:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="vistra-model", daemon=True)
         self._thread.start()
+        # A daemon thread killed inside a forward pass aborts the interpreter at exit.
+        atexit.register(self.stop)
 
     def submit(self, image: torch.Tensor) -> Future:
         """Queue one preprocessed image; the future resolves to its logits [K]."""
@@ -65,8 +68,10 @@ class Batcher:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Finish what is queued, then end the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        atexit.unregister(self.stop)
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
 
     def _serve(self) -> None:
         carried: _Item | None = None  # a job met while collecting a batch runs right after it

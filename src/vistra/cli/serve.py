@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how long a request waits for others to batch with "
                         f"(default: {d.max_wait_ms:g})")
     p.add_argument("--workers", type=int, default=1,
-                   help="processes, each with its own copy of the model (default: 1)")
+                   help="processes, each with its own copy of the model and its own "
+                        "/metrics (default: 1)")
     p.add_argument("--threads", type=int,
                    help="torch threads per process (default: torch's choice)")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-megapixels", type=float, default=d.max_megapixels,
                    help=f"decoded image size limit (default: {d.max_megapixels:g})")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
-                   help="predictions in progress at once; more are refused with 503 "
+                   help="predictions in progress at once; more are refused with 503. "
+                        "Uploads held in memory stay under this times --max-upload-mb "
                         f"(default: {d.queue_size})")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s,
                    help=f"per request; later answers 504 (default: {d.timeout_s:g})")

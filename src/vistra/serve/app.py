@@ -39,6 +39,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from vistra import __version__
 from vistra.data.images import ImageLoadError, decode_rgb
@@ -214,8 +215,12 @@ class _Service:
 
     def _warm_up(self) -> None:
         """First passes allocate and pick kernels; do them before /readyz says yes."""
-        for size in sorted({1, self.settings.max_batch}):
-            logits = self.classifier(torch.zeros([size, *self.input_size]))
+        try:
+            for size in sorted({1, self.settings.max_batch}):
+                logits = self.classifier(torch.zeros([size, *self.input_size]))
+        except Exception:  # /readyz stays 503; the log says why
+            log.exception("warm-up of %s failed", self.classifier.name)
+            raise
         self.num_classes = int(logits.shape[-1])
         self.checkpoint_hash = self.classifier.checkpoint_hash
         self.ready.set()
@@ -277,6 +282,8 @@ class _Service:
             files = finish()
         except MultipartParseError as error:
             raise HTTPException(400, f"malformed multipart body: {error}") from error
+        except ClientDisconnect as error:  # nobody to answer; keep it out of the error log
+            raise HTTPException(400, "the client went away during the upload") from error
         if not files:
             raise HTTPException(400, "no part named 'file' in the multipart body"
                                 if kind == b"multipart/form-data" else

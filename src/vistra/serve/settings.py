@@ -12,7 +12,9 @@ class ServeSettings:
     max_batch: int = 16  # images per forward pass
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
     max_upload_mb: float = 20.0  # request body limit (a batch request included)
-    queue_size: int = 64  # predictions in the service at once; more get 503
+    # Predictions in the service at once (more get 503): with max_upload_mb, it bounds the
+    # memory uploads can hold (32 x 20 MB).
+    queue_size: int = 32
     timeout_s: float = 30.0  # per request, from arrival to answer; later gets 504
     preprocess_threads: int = 2  # threads decoding and transforming images
     max_megapixels: float = 40.0  # decoded size limit: a 40 MP RGB image is 120 MB

@@ -315,7 +315,7 @@ def test_explain_adds_a_heat_map_overlay_when_enabled(classifier):
         explanation = response.json()["explanation"]
         assert explanation["method"] == method and explanation["label"] in CLASSES
         overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay_png"])))
-        assert overlay.format == "PNG" and overlay.size == load_rgb(path).size
+        assert overlay.format == "PNG" and min(overlay.size) >= min(load_rgb(path).size)
 
 
 def test_explain_unavailable_is_reported_and_refused_with_a_reason(classifier):

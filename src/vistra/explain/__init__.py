@@ -8,7 +8,8 @@
 `vistra.explain` (the attribute of the top-level package) is the function; the package of
 the same name holds it with the rest (`Explanation`, `overlay`, `METHODS`, `methods_for`,
 and `faithfulness` for deletion / insertion scores). Import those with `from vistra.explain
-import ...`, which always reaches the package.
+import ...`, which always reaches the package (`import vistra.explain as x` binds the
+function, as the attribute wins there).
 
 Methods: `rollout` and `grad-rollout` (the default) for ViT / DeiT / R50 hybrid,
 `gradcam` (the default) and `window` for Swin. Each runs the model's normal forward with its

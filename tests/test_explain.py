@@ -3,8 +3,6 @@ their location on a task with a known answer, and the files the command writes."
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,6 @@ import vistra
 from vistra.cli import main
 from vistra.explain import Explanation, explain, explain_batch, methods_for, overlay
 from vistra.explain.faithfulness import auc, curves
-from vistra.explain.swin import swin_blocks
 from vistra.models import SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 from vistra.weights.vistra_file import save_checkpoint
 
@@ -104,3 +101,145 @@ def test_rollout_and_grad_rollout_equal_references_built_from_the_papers(distill
                                    atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(grad_maps[b], reference_map(model, relevance),
                                    atol=1e-5, rtol=1e-4)
+
+
+def tiny_swin(**kw) -> SwinTransformer:
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, num_classes=3, embed_dim=16,
+               depths=(2, 2), num_heads=(2, 2), window_size=4)
+    torch.manual_seed(0)
+    return SwinTransformer(SwinConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("block,query", [(0, (0.4, 0.6)), (1, (0.5, 0.5)), (1, (0.1, 0.9))])
+def test_window_map_covers_exactly_the_querys_window_in_image_coordinates(block, query):
+    """Swin-T's layout at 32 px: an 8x8 map in windows of 4, block 1 shifted by 2. Unrolled,
+    SW-MSA's windows are the 4x4 squares starting at rows and columns 2, 6 (and the cut-off
+    ones at the borders), W-MSA's start at 0 and 4: the map is non-zero exactly there."""
+    model = tiny_swin()
+    heat = explain_batch(model, torch.randn(1, 3, 32, 32), "window", block=block,
+                         query=query)[0][0]
+    tokens = heat[::4, ::4]  # one value per 4-pixel token
+    shift = 2 if block == 1 else 0
+    r, c = int(query[0] * 8), int(query[1] * 8)
+    rows = torch.arange(8)
+    same_r = (rows + 4 - shift) // 4 == (r + 4 - shift) // 4  # +4 keeps floor division >= 0
+    same_c = (rows + 4 - shift) // 4 == (c + 4 - shift) // 4
+    expected = same_r[:, None] & same_c[None, :]
+    assert torch.equal(tokens > 1e-6, expected)
+    assert heat.shape == (32, 32)
+
+
+def test_pil_map_is_at_the_images_size_and_zero_outside_the_centre_crop():
+    model = vistra.create_model("vit_fmnist")
+    model.data_config = type(model.data_config)(**{**model.data_config.to_dict(),
+                                                   "crop_pct": 0.875})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64), np.uint8))
+    e = explain(model, image)
+    assert isinstance(e, Explanation) and e.method == "grad-rollout"
+    assert e.map.shape == (40, 64) and e.map.dtype == torch.float32
+    assert 0 <= float(e.map.min()) and float(e.map.max()) <= 1
+    # resized to 32 high (28 / 0.875) and 51 wide, crop 28x28 at (12, 2): the margins
+    # left and right of the crop, in original pixels, are 0
+    assert float(e.map[:, :8].max()) == 0 and float(e.map[:, -8:].max()) == 0
+    assert float(e.map[:, 20:44].max()) > 0
+    assert 0 < e.probability < 1 and e.label is None and 0 <= e.target < 10
+    assert overlay(image, e).size == image.size
+
+
+def test_explain_is_the_top_level_function_and_leaves_the_model_as_it_was():
+    model = vistra.create_model("swin_fmnist").train()
+    assert vistra.explain is explain
+    assert methods_for(model) == ("gradcam", "window")
+    e = vistra.explain(model, torch.randn(1, 28, 28), target=3)
+    assert e.target == 3 and e.map.shape == (28, 28)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="does not apply"):
+        explain(model, torch.randn(1, 28, 28), method="rollout")
+
+
+def test_fused_attention_stays_on_after_explain(monkeypatch):
+    """Explaining records attention weights only for its own call: a plain forward after it
+    takes SDPA in every attention module and records nothing."""
+    for model in (tiny_vit(), tiny_swin()):
+        x = torch.randn(1, 3, *model.img_size)
+        for method in methods_for(model):
+            explain(model, x, method=method)
+        calls: list[int] = []
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, sdpa=F.scaled_dot_product_attention, calls=calls, **k:
+                            calls.append(1) or sdpa(*a, **k))
+        with torch.no_grad():
+            model(x)
+        monkeypatch.undo()
+        attention = [m for m in model.modules() if hasattr(m, "record")]
+        assert len(calls) == len(attention) > 0
+        assert not any(m.record for m in attention)
+
+
+def checkpoint(tmp_path, name="vit_fmnist"):
+    model = vistra.create_model(name)
+    path = tmp_path / f"{name}.safetensors"
+    save_checkpoint(model, path, classes=[f"c{i}" for i in range(10)])
+    return path
+
+
+def test_cli_writes_overlay_and_map_at_the_images_size_and_never_overwrites(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path, "swin_fmnist")
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (45, 33), "white").save(src / "shirt.png")
+    out = tmp_path / "out"
+    args = ["explain", str(ckpt), str(src), "--method", "all", "--out", str(out), "--grid"]
+    assert main(args) == 0
+    for method in ("gradcam", "window"):
+        with Image.open(out / f"shirt.{method}.png") as png:
+            assert png.size == (45, 33)
+        heat = np.load(out / f"shirt.{method}.npy")
+        assert heat.shape == (33, 45) and heat.dtype == np.float32
+    assert (out / "shirt.grid.png").is_file()
+    before = (out / "shirt.gradcam.png").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "shirt.gradcam.png already exists" in err and "--force" in err
+    assert (out / "shirt.gradcam.png").read_bytes() == before
+    assert main(args + ["--force"]) == 0
+    assert main(["explain", str(ckpt), str(src), "--out", str(src / "maps")]) == 2
+    assert sorted(p.name for p in src.iterdir()) == ["shirt.png"]
+    assert main(["explain", str(ckpt), str(src), "--out", str(out), "--target", "nope"]) == 2
+
+
+def test_cli_target_by_name_and_topk(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)
+    image = tmp_path / "a.png"
+    Image.new("L", (28, 28), 90).save(image)
+    out = tmp_path / "o"
+    assert main(["explain", str(ckpt), str(image), "--out", str(out), "--target", "c7"]) == 0
+    assert "c7" in capsys.readouterr().out
+    assert main(["explain", str(ckpt), str(image), "--out", str(tmp_path / "k"),
+                 "--topk", "2", "--method", "rollout"]) == 0
+    assert {p.name for p in (tmp_path / "k").iterdir()} == {
+        "a.rollout.png", "a.rollout.npy", "a.top2.rollout.png", "a.top2.rollout.npy"}
+
+
+def test_deletion_of_the_evidence_drops_the_probability_faster_than_a_random_order():
+    """A model whose class 1 logit grows with the top-left pixels: deleting in the order of
+    a map that marks those pixels removes all the evidence first."""
+    class TopLeft(torch.nn.Module):
+        def forward(self, x):
+            s = 4 * (x[:, :, :8, :8].mean((1, 2, 3)) - 1)
+            return torch.stack([torch.zeros_like(s), s], 1)
+    model = TopLeft()
+    model.weight = torch.nn.Parameter(torch.zeros(1))  # a device to run on
+    x = torch.zeros(2, 3, 16, 16)
+    x[:, :, :8, :8] = 2  # the evidence; the image's mean is 0.5
+    oracle = torch.zeros(2, 16, 16)
+    oracle[:, :8, :8] = 1
+    target = torch.ones(2, dtype=torch.long)
+    deletion, insertion = curves(model, x, oracle, target, steps=16)
+    rand_del, rand_ins = curves(model, x, torch.rand(2, 16, 16), target, steps=16)
+    assert (auc(deletion) < auc(rand_del) - 0.2).all()
+    assert (auc(insertion) > auc(rand_ins)).all()
+    assert torch.allclose(deletion[:, 4:], deletion[:, -1:])  # a quarter removed: all of it

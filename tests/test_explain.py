@@ -243,3 +243,69 @@ def test_deletion_of_the_evidence_drops_the_probability_faster_than_a_random_ord
     assert (auc(deletion) < auc(rand_del) - 0.2).all()
     assert (auc(insertion) > auc(rand_ins)).all()
     assert torch.allclose(deletion[:, 4:], deletion[:, -1:])  # a quarter removed: all of it
+
+
+def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: int = 8):
+    """Noise with a bright square in some quadrants: each quadrant independently (single
+    False, multi-label targets [n, 4]) or exactly one (single True).
+
+    Trained with one label per image, small models learn to see the empty quadrants ("not
+    here, so there"), and a class map then rightly points at them. With quadrants
+    independent, the evidence for a quadrant's label can only lie in that quadrant, so the
+    map's maximum must fall there: the test has one right answer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g) * 0.5
+    if single:
+        present = F.one_hot(torch.randint(0, 4, (n,), generator=g), 4).bool()
+    else:
+        present = torch.rand(n, 4, generator=g) < 0.5
+    half = size // 2
+    for i, q in present.nonzero().tolist():
+        r = (q // 2) * half + int(torch.randint(0, half - square + 1, (1,), generator=g))
+        c = (q % 2) * half + int(torch.randint(0, half - square + 1, (1,), generator=g))
+        x[i, :, r:r + square, c:c + square] += 3.0
+    return x, present.float()
+
+
+def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
+    x, y = quadrant_squares(3000, 0, single=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+
+
+def quadrant_hits(model: torch.nn.Module, method: str) -> tuple[float, float]:
+    """(accuracy, fraction of maps whose maximum lies in the square's quadrant) on held-out
+    images with one square, explained for that quadrant."""
+    x, y = quadrant_squares(200, 1, single=True)
+    label = y.argmax(1)
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == label).float().mean())
+    maps, _ = explain_batch(model, x, method, label)
+    peak = maps.flatten(1).argmax(1)
+    quadrant = (peak // 32 >= 16).long() * 2 + (peak % 32 >= 16).long()
+    return accuracy, float((quadrant == label).float().mean())
+
+
+@pytest.mark.slow
+def test_gradcam_finds_the_square_on_a_swin_trained_in_seconds():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(img_size=32, patch_size=4, in_chans=1, num_classes=4,
+                                       embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                                       window_size=4, conv_stem=(16, 32)))
+    train_on_quadrants(model, steps=300, lr=1e-3)
+    accuracy, hits = quadrant_hits(model, "gradcam")
+    assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
+    assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"

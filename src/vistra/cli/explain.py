@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", default="0.5,0.5", metavar="ROW,COL",
                    help="window: the query position as fractions of the model's input "
                         "(default: 0.5,0.5, the centre)")
-    p.add_argument("--stage", type=int, default=-1,
-                   help="gradcam: the Swin stage whose output is used (default: -1, the last)")
+    p.add_argument("--stage", type=int,
+                   help="gradcam: the Swin stage whose output is used (0 = the first, -1 = "
+                        "the last; default: the one before the last)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of a random order over "

@@ -88,14 +88,15 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
 
 def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
                   target: torch.Tensor | None = None, *, block: int | None = None,
-                  query: tuple[float, float] = (0.5, 0.5), stage: int = -1
+                  query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
     [B, K]). target [B] class indices, or None for each image's predicted class.
 
-    `stage` picks the Swin stage Grad-CAM reads (-1: the last); `block` (index over the
-    model's Swin blocks, None: the first shifted one) and `query` (row, column as fractions
-    of the input) pick what `window` shows. The model runs in eval mode for the call."""
+    `stage` picks the Swin stage Grad-CAM reads (None: the one before the last); `block`
+    (index over the model's Swin blocks, None: the first shifted one) and `query` (row,
+    column as fractions of the input) pick what `window` shows. The model runs in eval mode
+    for the call."""
     method = _check_method(model, method)
     device = next(model.parameters()).device
     x = x.to(device)
@@ -125,7 +126,8 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
 
 def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str | None = None,
             target: int | None = None, block: int | None = None,
-            query: tuple[float, float] = (0.5, 0.5), stage: int = -1) -> Explanation:
+            query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
+            ) -> Explanation:
     """Explain the model's score for `target` (default: its top class) on one image.
 
     A PIL image is preprocessed with the model's evaluation transform (resize, centre crop,

@@ -3,8 +3,10 @@ one query token placed back into image coordinates (for teaching W-MSA and SW-MS
 
 Swin has no class token, and each attention sees only its window, so rollout has no row to
 read; Grad-CAM (Selvaraju et al. 2017) needs only a spatial feature map and the gradient of
-the class score, and Swin keeps one ([B, H, W, C]) at every stage. Which stage: see
-benchmarks/explain.md (the last stage's output before the final norm, by measurement).
+the class score, and Swin keeps one ([B, H, W, C]) at every stage. Which stage: the one
+before the last, by measurement (benchmarks/explain.md): on a task whose answer is known
+(tests/test_explain.py) its maps found the object where the last stage's, at half the
+resolution and just before the final LayerNorm, often pointed elsewhere.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from vistra.models.swin import SwinBlock
 
 
 def gradcam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
-            stage: int = -1) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """relu(sum_c mean_hw(dS/dF_c) F_c) on the output F of `model.layers[stage]` (before
-    the final norm), S the target class's logit.
+            stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """relu(sum_c mean_hw(dS/dF_c) F_c) on the output F of `model.layers[stage]`, S the
+    target class's logit; stage None: the one before the last (the only one if just one).
 
     x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, h, w], logits,
     pixels per token of the map)."""
+    if stage is None:
+        stage = max(len(model.layers) - 2, 0)
     stage = range(len(model.layers))[stage]
     captured: list[torch.Tensor] = []
 

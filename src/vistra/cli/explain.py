@@ -39,9 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for the maps (created if missing)")
     p.add_argument("--target", metavar="CLASS",
                    help="explain this class (name or index) instead of the predicted one")
-    p.add_argument("--topk", type=int, default=1,
+    p.add_argument("--topk", type=int, default=1, metavar="K",
                    help="explain the K most probable classes; ranks 2.. are written as "
-                        "<name>.<method>.top<k>.png (default: 1)")
+                        "<name>.top<k>.<method>.png (default: 1)")
     p.add_argument("--grid", action="store_true",
                    help="also write <name>.grid.png: the image and every method side by side")
     p.add_argument("--force", action="store_true", help="replace existing output files")
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--query", default="0.5,0.5", metavar="ROW,COL",
                    help="window: the query position as fractions of the model's input "
                         "(default: 0.5,0.5, the centre)")
-    p.add_argument("--stage", type=int,
+    p.add_argument("--stage", type=int, metavar="S",
                    help="gradcam: the Swin stage whose output is used (0 = the first, -1 = "
                         "the last; default: the one before the last)")
     g = p.add_argument_group("faithfulness")
@@ -63,10 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", metavar="DIR",
                    help="class-per-folder images, or a folder with train/ and val/ or test/ "
                         "(the val/test part is used)")
-    g.add_argument("--limit", type=int, default=500,
+    g.add_argument("--limit", type=int, default=500, metavar="N",
                    help="at most N images of --data, drawn at random with a fixed seed "
                         "(default: 500)")
-    g.add_argument("--steps", type=int, default=32,
+    g.add_argument("--steps", type=int, default=32, metavar="S",
                    help="pixel-removal steps of each curve (default: 32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.set_defaults(func=run)

@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required: the folder to write the maps to")
     if args.evaluate and not args.data:
         raise ValueError("--evaluate needs --data DIR, a folder of labelled images")
-    if args.topk < 1:
-        raise ValueError(f"--topk must be 1 or more, got {args.topk}")
+    for option in ("topk", "limit", "steps"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be 1 or more, got {getattr(args, option)}")
     if args.target is not None and args.topk > 1:
         raise ValueError("choose --target or --topk, not both")
     model = load_checkpoint(args.checkpoint, device=args.device).eval()

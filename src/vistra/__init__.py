@@ -1,7 +1,11 @@
 """vistra: Vision Transformers and Swin Transformers for image classification."""
 
+# `vistra.explain` is the function (`vistra.explain(model, image)`); the package of the same
+# name holds it with the rest: `from vistra.explain import overlay, Explanation, METHODS`.
+from .explain import explain
 from .factory import create_model
 from .models import DataConfig, capture_attention, list_models
 
 __version__ = "0.1.0"
-__all__ = ["DataConfig", "capture_attention", "create_model", "list_models", "__version__"]
+__all__ = ["DataConfig", "capture_attention", "create_model", "explain", "list_models",
+           "__version__"]

@@ -290,14 +290,21 @@ class EvalTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = _in_mode(image, len(self.mean))
-        height, width = self.size
-        resized = _cover_size(image.width, image.height, width, height, self.crop_pct)
+        resized, box = self.geometry(image.width, image.height)
         if resized != image.size:
             image = image.resize(resized, self.resample)
-        left = round((image.width - width) / 2.0)
-        top = round((image.height - height) / 2.0)
-        image = image.crop((left, top, left + width, top + height))
-        return to_tensor_normalized(image, self.mean, self.std)
+        return to_tensor_normalized(image.crop(box), self.mean, self.std)
+
+    def geometry(self, width: int, height: int
+                 ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+        """For an image of width x height: the (width, height) it is resized to and the
+        (left, top, right, bottom) crop box taken from that, so a map over the model's
+        input can be placed back on the original image."""
+        crop_h, crop_w = self.size
+        resized = _cover_size(width, height, crop_w, crop_h, self.crop_pct)
+        left = round((resized[0] - crop_w) / 2.0)
+        top = round((resized[1] - crop_h) / 2.0)
+        return resized, (left, top, left + crop_w, top + crop_h)
 
 
 def _cover_size(

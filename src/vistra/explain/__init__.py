@@ -1,0 +1,187 @@
+"""Where a ViT or Swin looked: heat maps over the input image, and how faithful they are.
+
+    import vistra
+    exp = vistra.explain(model, Image.open("cat.jpg"))     # the family's default method
+    from vistra.explain import overlay, METHODS, methods_for
+    overlay(image, exp).save("cat.grad-rollout.png")
+
+`vistra.explain` (the attribute of the top-level package) is the function; the package of
+the same name holds it with the rest (`Explanation`, `overlay`, `METHODS`, `methods_for`,
+and `faithfulness` for deletion / insertion scores). Import those with `from vistra.explain
+import ...`, which always reaches the package (`import vistra.explain as x` binds the
+function, as the attribute wins there).
+
+Methods: `rollout` and `grad-rollout` (the default) for ViT / DeiT / R50 hybrid,
+`gradcam` (the default) and `window` for Swin. Each runs the model's normal forward with its
+fast paths on; attention weights are recorded only for the duration of the call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vistra.models import SwinTransformer, VisionTransformer
+
+from .attention import grad_rollout, rollout
+from .render import overlay
+from .swin import gradcam, window_attention
+
+METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "window")
+_FAMILY_METHODS = {  # the default first
+    VisionTransformer: ("grad-rollout", "rollout"),
+    SwinTransformer: ("gradcam", "window"),
+}
+
+__all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
+           "methods_for", "overlay"]
+
+
+@dataclass
+class Explanation:
+    map: torch.Tensor  # [H, W] float32 in [0, 1] at the input image's resolution
+    method: str
+    target: int  # class index explained
+    label: str | None  # its class name if the model has classes
+    probability: float  # softmax probability of target
+
+
+def _family(model: nn.Module) -> tuple[str, ...]:
+    for cls, methods in _FAMILY_METHODS.items():
+        if isinstance(model, cls):
+            return methods
+    raise ValueError(f"explain works on vistra's VisionTransformer and SwinTransformer models, "
+                     f"got {type(model).__name__}; build it with vistra.create_model")
+
+
+def methods_for(model: nn.Module) -> tuple[str, ...]:
+    """The methods that apply to this model, in the order of METHODS."""
+    return tuple(m for m in METHODS if m in _family(model))
+
+
+def default_method(model: nn.Module) -> str:
+    """grad-rollout for ViT-like models, gradcam for Swin."""
+    return _family(model)[0]
+
+
+def _check_method(model: nn.Module, method: str | None) -> str:
+    if method is None:
+        return default_method(model)
+    if method not in methods_for(model):
+        known = "" if method in METHODS else f"unknown method {method!r}; "
+        raise ValueError(f"{known or f'method {method!r} does not apply to this model; '}"
+                         f"for {type(model).__name__} use one of {', '.join(methods_for(model))}")
+    return method
+
+
+def _normalise(maps: torch.Tensor) -> torch.Tensor:
+    """Each map scaled to [0, 1] by its own min and max (an all-constant map becomes 0)."""
+    flat = maps.flatten(1)
+    low, high = flat.min(1).values, flat.max(1).values
+    span = (high - low).clamp(min=torch.finfo(maps.dtype).tiny)
+    return ((maps - low[:, None, None]) / span[:, None, None]).clamp(0, 1)
+
+
+def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
+                  target: torch.Tensor | None = None, *, block: int | None = None,
+                  query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
+    [B, K]). target [B] class indices, or None for each image's predicted class.
+
+    `stage` picks the Swin stage Grad-CAM reads (None: the one before the last); `block`
+    (index over the model's Swin blocks, None: the first shifted one) and `query` (row,
+    column as fractions of the input) pick what `window` shows. The model runs in eval mode
+    for the call."""
+    method = _check_method(model, method)
+    device = next(model.parameters()).device
+    x = x.to(device)
+    if target is not None:
+        target = target.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "rollout":
+            grid, logits = rollout(model, x)
+            stride, mode = model.patch_embed.reduction, "bilinear"
+        elif method == "grad-rollout":
+            grid, logits = grad_rollout(model, x, target)
+            stride, mode = model.patch_embed.reduction, "bilinear"
+        elif method == "gradcam":
+            grid, logits, stride = gradcam(model, x, target, stage)
+            mode = "bilinear"
+        else:  # window: keep the tokens' squares visible
+            grid, logits, stride = window_attention(model, x, block, query)
+            mode = "nearest"
+    finally:
+        model.train(was_training)
+    h, w = grid.shape[-2:]
+    up = F.interpolate(grid[:, None].float(), size=(h * stride, w * stride), mode=mode)
+    return _normalise(up[:, 0, :x.shape[-2], :x.shape[-1]]).cpu(), logits.float().cpu()
+
+
+def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str | None = None,
+            target: int | None = None, block: int | None = None,
+            query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
+            ) -> Explanation:
+    """Explain the model's score for `target` (default: its top class) on one image.
+
+    A PIL image is preprocessed with the model's evaluation transform (resize, centre crop,
+    normalise) and the map is returned at the image's own size: the crop's map is placed on
+    the resized image and scaled back; what the crop cut off gets 0. A tensor [C, H, W] or
+    [1, C, H, W] is taken as already preprocessed; the map has its H x W. method None: the
+    family's default (see `default_method`); other options as in `explain_batch`."""
+    if isinstance(image, Image.Image):
+        x = _preprocess(model, image)
+    elif isinstance(image, torch.Tensor):
+        x = image if image.ndim == 4 else image[None]
+        if x.ndim != 4 or x.shape[0] != 1:
+            raise ValueError(f"expected one image [C, H, W] or [1, C, H, W], got a tensor of "
+                             f"shape {tuple(image.shape)}; use explain_batch for batches")
+    else:
+        raise ValueError(f"image must be a PIL image or a tensor, got {type(image).__name__}")
+    method = _check_method(model, method)
+    targets = None
+    if target is not None:
+        classes = getattr(model, "num_classes", 0)
+        if not 0 <= target < classes:
+            raise ValueError(f"target must be a class index in 0..{classes - 1}, got {target}")
+        targets = torch.tensor([target])
+    maps, logits = explain_batch(model, x, method, targets, block=block, query=query,
+                                 stage=stage)
+    index = int(logits[0].argmax()) if target is None else target
+    heat = maps[0]
+    if isinstance(image, Image.Image):
+        heat = _to_image_size(model, heat, image.size)
+    names = getattr(model, "classes", None)
+    return Explanation(map=heat, method=method, target=index,
+                       label=names[index] if names else None,
+                       probability=float(logits[0].softmax(-1)[index]))
+
+
+def _preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
+    from vistra.evaluate import eval_transform
+
+    if not hasattr(model, "data_config"):
+        raise ValueError("the model carries no preprocessing (.data_config); build it with "
+                         "vistra.create_model or load a vistra checkpoint, or pass a tensor")
+    return eval_transform(model)(image)[None]
+
+
+def _to_image_size(model: nn.Module, heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A map over the centre crop [h, w] -> the map over the original image of `size`
+    (width, height), 0 where the crop cut the image off."""
+    from vistra.evaluate import eval_transform
+
+    (rw, rh), (left, top, right, bottom) = eval_transform(model).geometry(*size)
+    canvas = torch.zeros(rh, rw)  # the resize covers the crop, so the box lies inside
+    canvas[top:bottom, left:right] = heat
+    if (rw, rh) == size:
+        return canvas
+    out = F.interpolate(canvas[None, None], size=(size[1], size[0]), mode="bilinear",
+                        antialias=rw > size[0])
+    return out[0, 0].clamp(0, 1)

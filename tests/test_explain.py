@@ -1,0 +1,311 @@
+"""vistra.explain: maps checked against references written from the papers' definitions,
+their location on a task with a known answer, and the files the command writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import vistra
+from vistra.cli import main
+from vistra.explain import Explanation, explain, explain_batch, methods_for, overlay
+from vistra.explain.faithfulness import auc, curves
+from vistra.models import SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
+from vistra.weights.vistra_file import save_checkpoint
+
+
+def tiny_vit(distilled: bool = True, **kw) -> VisionTransformer:
+    cfg = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=3,
+               num_heads=2, distilled=distilled)
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():  # weights far from init, so every token's attention differs
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def manual_vit(model: VisionTransformer, x: torch.Tensor):
+    """ViT's forward written out, attention entry by entry with plain loops: the logits
+    and each layer's attention matrices [B, heads, N, N] (part of the graph)."""
+    cfg = model.cfg
+    tokens = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias,
+                      stride=cfg.patch_size).flatten(2).transpose(1, 2)
+    B = x.shape[0]
+    prefix = [model.cls_token.expand(B, -1, -1)]
+    if cfg.distilled:
+        prefix.append(model.dist_token.expand(B, -1, -1))
+    h = torch.cat(prefix + [tokens], 1) + model.pos_embed
+    N, D, H = h.shape[1], cfg.embed_dim, cfg.num_heads
+    d = D // H
+    attentions = []
+    for blk in model.blocks:
+        y = F.layer_norm(h, (D,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        qkv = y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias
+        q, k, v = qkv[..., :D], qkv[..., D:2 * D], qkv[..., 2 * D:]
+        rows = []
+        for b in range(B):
+            for head in range(H):
+                s = slice(head * d, (head + 1) * d)
+                for i in range(N):
+                    logits = torch.stack([(q[b, i, s] * k[b, j, s]).sum() * d ** -0.5
+                                          for j in range(N)])
+                    e = torch.exp(logits - logits.max())
+                    rows.append(e / e.sum())
+        A = torch.stack(rows).view(B, H, N, N)
+        attentions.append(A)
+        heads_v = v.view(B, N, H, d).transpose(1, 2)
+        out = (A @ heads_v).transpose(1, 2).reshape(B, N, D)
+        h = h + out @ blk.attn.proj.weight.T + blk.attn.proj.bias
+        y = F.layer_norm(h, (D,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        h = h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(y)))
+    h = F.layer_norm(h, (D,), model.norm.weight, model.norm.bias, 1e-6)
+    logits = model.head(h[:, 0])
+    if cfg.distilled:
+        logits = (logits + model.head_dist(h[:, 1])) / 2
+    return logits, attentions
+
+
+def reference_map(model, relevance: torch.Tensor) -> torch.Tensor:
+    """[N, N] relevance of one image -> the prefix tokens' mean row over the patches,
+    upsampled to the 16x16 input (4x4 grid of 4-pixel patches), scaled to [0, 1]."""
+    p = 2 if model.cfg.distilled else 1
+    grid = relevance[:p, p:].mean(0).view(1, 1, 4, 4)
+    up = F.interpolate(grid, size=(16, 16), mode="bilinear")[0, 0]
+    return (up - up.min()) / (up.max() - up.min())
+
+
+@pytest.mark.parametrize("distilled", [True, False])
+def test_rollout_and_grad_rollout_equal_references_built_from_the_papers(distilled):
+    model = tiny_vit(distilled)
+    x = torch.randn(2, 3, 16, 16)
+    logits, attentions = manual_vit(model, x)
+    assert torch.allclose(logits, model(x), atol=1e-4)
+    target = torch.tensor([1, 3])
+    score = logits.gather(1, target[:, None]).sum()
+    grads = torch.autograd.grad(score, attentions)
+    rollout_maps, grad_maps = explain_batch(model, x, "rollout")[0], \
+        explain_batch(model, x, "grad-rollout", target)[0]
+    N = attentions[0].shape[-1]
+    for b in range(2):
+        joint = torch.eye(N)  # Abnar & Zuidema: rownorm((mean_h A + I) / 2), multiplied
+        relevance = torch.eye(N)  # Chefer et al.: R += mean_h((grad * A)^+) @ R
+        for A, G in zip(attentions, grads, strict=True):
+            a = (A[b].mean(0).detach() + torch.eye(N)) / 2
+            joint = (a / a.sum(1, keepdim=True)) @ joint
+            relevance = relevance + (G[b] * A[b]).detach().clamp(min=0).mean(0) @ relevance
+        torch.testing.assert_close(rollout_maps[b], reference_map(model, joint),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad_maps[b], reference_map(model, relevance),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def tiny_swin(**kw) -> SwinTransformer:
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, num_classes=3, embed_dim=16,
+               depths=(2, 2), num_heads=(2, 2), window_size=4)
+    torch.manual_seed(0)
+    return SwinTransformer(SwinConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("block,query", [(0, (0.4, 0.6)), (1, (0.5, 0.5)), (1, (0.1, 0.9))])
+def test_window_map_covers_exactly_the_querys_window_in_image_coordinates(block, query):
+    """Swin-T's layout at 32 px: an 8x8 map in windows of 4, block 1 shifted by 2. Unrolled,
+    SW-MSA's windows are the 4x4 squares starting at rows and columns 2, 6 (and the cut-off
+    ones at the borders), W-MSA's start at 0 and 4: the map is non-zero exactly there."""
+    model = tiny_swin()
+    heat = explain_batch(model, torch.randn(1, 3, 32, 32), "window", block=block,
+                         query=query)[0][0]
+    tokens = heat[::4, ::4]  # one value per 4-pixel token
+    shift = 2 if block == 1 else 0
+    r, c = int(query[0] * 8), int(query[1] * 8)
+    rows = torch.arange(8)
+    same_r = (rows + 4 - shift) // 4 == (r + 4 - shift) // 4  # +4 keeps floor division >= 0
+    same_c = (rows + 4 - shift) // 4 == (c + 4 - shift) // 4
+    expected = same_r[:, None] & same_c[None, :]
+    assert torch.equal(tokens > 1e-6, expected)
+    assert heat.shape == (32, 32)
+
+
+def test_pil_map_is_at_the_images_size_and_zero_outside_the_centre_crop():
+    model = vistra.create_model("vit_fmnist")
+    model.data_config = type(model.data_config)(**{**model.data_config.to_dict(),
+                                                   "crop_pct": 0.875})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64), np.uint8))
+    e = explain(model, image)
+    assert isinstance(e, Explanation) and e.method == "grad-rollout"
+    assert e.map.shape == (40, 64) and e.map.dtype == torch.float32
+    assert 0 <= float(e.map.min()) and float(e.map.max()) <= 1
+    # resized to 32 high (28 / 0.875) and 51 wide, crop 28x28 at (12, 2): the margins
+    # left and right of the crop, in original pixels, are 0
+    assert float(e.map[:, :8].max()) == 0 and float(e.map[:, -8:].max()) == 0
+    assert float(e.map[:, 20:44].max()) > 0
+    assert 0 < e.probability < 1 and e.label is None and 0 <= e.target < 10
+    assert overlay(image, e).size == image.size
+
+
+def test_explain_is_the_top_level_function_and_leaves_the_model_as_it_was():
+    model = vistra.create_model("swin_fmnist").train()
+    assert vistra.explain is explain
+    assert methods_for(model) == ("gradcam", "window")
+    e = vistra.explain(model, torch.randn(1, 28, 28), target=3)
+    assert e.target == 3 and e.map.shape == (28, 28)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with pytest.raises(ValueError, match="does not apply"):
+        explain(model, torch.randn(1, 28, 28), method="rollout")
+
+
+def test_fused_attention_stays_on_after_explain(monkeypatch):
+    """Explaining records attention weights only for its own call: a plain forward after it
+    takes SDPA in every attention module and records nothing."""
+    for model in (tiny_vit(), tiny_swin()):
+        x = torch.randn(1, 3, *model.img_size)
+        for method in methods_for(model):
+            explain(model, x, method=method)
+        calls: list[int] = []
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, sdpa=F.scaled_dot_product_attention, calls=calls, **k:
+                            calls.append(1) or sdpa(*a, **k))
+        with torch.no_grad():
+            model(x)
+        monkeypatch.undo()
+        attention = [m for m in model.modules() if hasattr(m, "record")]
+        assert len(calls) == len(attention) > 0
+        assert not any(m.record for m in attention)
+
+
+def checkpoint(tmp_path, name="vit_fmnist"):
+    model = vistra.create_model(name)
+    path = tmp_path / f"{name}.safetensors"
+    save_checkpoint(model, path, classes=[f"c{i}" for i in range(10)])
+    return path
+
+
+def test_cli_writes_overlay_and_map_at_the_images_size_and_never_overwrites(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path, "swin_fmnist")
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (45, 33), "white").save(src / "shirt.png")
+    out = tmp_path / "out"
+    args = ["explain", str(ckpt), str(src), "--method", "all", "--out", str(out), "--grid"]
+    assert main(args) == 0
+    for method in ("gradcam", "window"):
+        with Image.open(out / f"shirt.{method}.png") as png:
+            assert png.size == (45, 33)
+        heat = np.load(out / f"shirt.{method}.npy")
+        assert heat.shape == (33, 45) and heat.dtype == np.float32
+    assert (out / "shirt.grid.png").is_file()
+    before = (out / "shirt.gradcam.png").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "shirt.gradcam.png already exists" in err and "--force" in err
+    assert (out / "shirt.gradcam.png").read_bytes() == before
+    assert main(args + ["--force"]) == 0
+    assert main(["explain", str(ckpt), str(src), "--out", str(src / "maps")]) == 2
+    assert sorted(p.name for p in src.iterdir()) == ["shirt.png"]
+    assert main(["explain", str(ckpt), str(src), "--out", str(out), "--target", "nope"]) == 2
+
+
+def test_cli_target_by_name_and_topk(tmp_path, capsys):
+    ckpt = checkpoint(tmp_path)
+    image = tmp_path / "a.png"
+    Image.new("L", (28, 28), 90).save(image)
+    out = tmp_path / "o"
+    assert main(["explain", str(ckpt), str(image), "--out", str(out), "--target", "c7"]) == 0
+    assert "c7" in capsys.readouterr().out
+    assert main(["explain", str(ckpt), str(image), "--out", str(tmp_path / "k"),
+                 "--topk", "2", "--method", "rollout"]) == 0
+    assert {p.name for p in (tmp_path / "k").iterdir()} == {
+        "a.rollout.png", "a.rollout.npy", "a.top2.rollout.png", "a.top2.rollout.npy"}
+
+
+def test_deletion_of_the_evidence_drops_the_probability_faster_than_a_random_order():
+    """A model whose class 1 logit grows with the top-left pixels: deleting in the order of
+    a map that marks those pixels removes all the evidence first."""
+    class TopLeft(torch.nn.Module):
+        def forward(self, x):
+            s = 4 * (x[:, :, :8, :8].mean((1, 2, 3)) - 1)
+            return torch.stack([torch.zeros_like(s), s], 1)
+    model = TopLeft()
+    model.weight = torch.nn.Parameter(torch.zeros(1))  # a device to run on
+    x = torch.zeros(2, 3, 16, 16)
+    x[:, :, :8, :8] = 2  # the evidence; the image's mean is 0.5
+    oracle = torch.zeros(2, 16, 16)
+    oracle[:, :8, :8] = 1
+    target = torch.ones(2, dtype=torch.long)
+    deletion, insertion = curves(model, x, oracle, target, steps=16)
+    rand_del, rand_ins = curves(model, x, torch.rand(2, 16, 16), target, steps=16)
+    assert (auc(deletion) < auc(rand_del) - 0.2).all()
+    assert (auc(insertion) > auc(rand_ins)).all()
+    assert torch.allclose(deletion[:, 4:], deletion[:, -1:])  # a quarter removed: all of it
+
+
+def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: int = 8):
+    """Noise with a bright square in some quadrants: each quadrant independently (single
+    False, multi-label targets [n, 4]) or exactly one (single True).
+
+    Trained with one label per image, small models learn to see the empty quadrants ("not
+    here, so there"), and a class map then rightly points at them. With quadrants
+    independent, the evidence for a quadrant's label can only lie in that quadrant, so the
+    map's maximum must fall there: the test has one right answer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, size, size, generator=g) * 0.5
+    if single:
+        present = F.one_hot(torch.randint(0, 4, (n,), generator=g), 4).bool()
+    else:
+        present = torch.rand(n, 4, generator=g) < 0.5
+    half = size // 2
+    for i, q in present.nonzero().tolist():
+        r = (q // 2) * half + int(torch.randint(0, half - square + 1, (1,), generator=g))
+        c = (q % 2) * half + int(torch.randint(0, half - square + 1, (1,), generator=g))
+        x[i, :, r:r + square, c:c + square] += 3.0
+    return x, present.float()
+
+
+def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
+    x, y = quadrant_squares(3000, 0, single=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        model.train()
+        g = torch.Generator().manual_seed(0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+        model.eval()
+
+
+def quadrant_hits(model: torch.nn.Module, method: str) -> tuple[float, float]:
+    """(accuracy, fraction of maps whose maximum lies in the square's quadrant) on held-out
+    images with one square, explained for that quadrant."""
+    x, y = quadrant_squares(200, 1, single=True)
+    label = y.argmax(1)
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == label).float().mean())
+    maps, _ = explain_batch(model, x, method, label)
+    peak = maps.flatten(1).argmax(1)
+    quadrant = (peak // 32 >= 16).long() * 2 + (peak % 32 >= 16).long()
+    return accuracy, float((quadrant == label).float().mean())
+
+
+@pytest.mark.slow
+def test_gradcam_finds_the_square_on_a_swin_trained_in_seconds():
+    torch.manual_seed(0)
+    model = SwinTransformer(SwinConfig(img_size=32, patch_size=4, in_chans=1, num_classes=4,
+                                       embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                                       window_size=4, conv_stem=(16, 32)))
+    train_on_quadrants(model, steps=300, lr=1e-3)
+    accuracy, hits = quadrant_hits(model, "gradcam")
+    assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
+    assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"

@@ -280,7 +280,10 @@ class TrainTransform:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize so the image covers size / crop_pct (keeping its shape), centre crop, normalise."""
+    """Resize so the image covers size / crop_pct (keeping its shape), centre crop, normalise.
+
+    Memory stays bounded by the crop size whatever the image's shape (see _MAX_COVER_AREA).
+    """
 
     size: tuple[int, int]  # (height, width)
     mean: tuple[float, ...]
@@ -292,12 +295,25 @@ class EvalTransform:
         image = _in_mode(image, len(self.mean))
         height, width = self.size
         resized = _cover_size(image.width, image.height, width, height, self.crop_pct)
-        if resized != image.size:
-            image = image.resize(resized, self.resample)
-        left = round((image.width - width) / 2.0)
-        top = round((image.height - height) / 2.0)
-        image = image.crop((left, top, left + width, top + height))
+        left = round((resized[0] - width) / 2.0)
+        top = round((resized[1] - height) / 2.0)
+        if resized[0] * resized[1] > _MAX_COVER_AREA * width * height:
+            # An extreme shape: a 1x50000 strip would be resized to 256x12,800,000 pixels
+            # (10 GB) to keep 224x224 of them. Resize only the source box the crop keeps:
+            # the same crop, up to rounding, at the cost of the crop alone.
+            sx, sy = image.width / resized[0], image.height / resized[1]
+            box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+            image = image.resize((width, height), self.resample, box=box)
+        else:
+            if resized != image.size:
+                image = image.resize(resized, self.resample)
+            image = image.crop((left, top, left + width, top + height))
         return to_tensor_normalized(image, self.mean, self.std)
+
+
+# The resized image may hold this many times the crop's pixels (aspect ratios up to ~14:1 at
+# crop_pct 0.875) before only the cropped part is resized.
+_MAX_COVER_AREA = 16
 
 
 def _cover_size(

@@ -1,0 +1,70 @@
+"""Hostile or odd inputs: small files that would exhaust memory, folder layouts that would
+train the wrong classes, output that would not parse. Each test failed on the code before
+its fix."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vistra.data import build_eval_transform
+
+GiB = 1 << 30
+
+
+def run_with_memory_cap(code: str, extra: int = GiB) -> None:
+    """Run `code` in a fresh interpreter whose address space may grow by only `extra` bytes
+    once the code's imports are done: an allocation beyond that raises MemoryError there
+    instead of taking the machine's memory here."""
+    script = "\n".join([
+        "import resource",
+        "import numpy, PIL.Image, vistra.data, vistra.data.folder",
+        "with open('/proc/self/status') as f:",
+        "    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize'))",
+        f"resource.setrlimit(resource.RLIMIT_AS, (size + {extra}, resource.RLIM_INFINITY))",
+        textwrap.dedent(code),
+    ])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/status"),
+                                reason="measures memory through Linux's /proc")
+
+
+# --- A strip-shaped image (issue 16, item 6) -------------------------------------------------
+
+
+@needs_proc
+def test_a_1x50000_png_is_transformed_within_1_gib(tmp_path):
+    # 50 KB on disk; resized to cover 256 pixels on its short side it would be 256 x 12.8
+    # million pixels (10 GB) before the centre crop.
+    for name, shape in (("tall.png", (50000, 1, 3)), ("wide.png", (1, 50000, 3))):
+        Image.fromarray(np.full(shape, 200, np.uint8)).save(tmp_path / name)
+    run_with_memory_cap(f"""
+        from vistra.data import build_eval_transform, build_train_transform, load_rgb
+        norm = ((0.5,) * 3, (0.5,) * 3)
+        for name in ("tall.png", "wide.png"):
+            image = load_rgb({str(tmp_path)!r} + "/" + name)
+            for transform in (build_eval_transform(224, *norm),
+                              build_train_transform(224, *norm)):
+                out = transform(image)
+                assert tuple(out.shape) == (3, 224, 224), out.shape
+                assert abs(float(out.mean()) - (200 / 255 - 0.5) / 0.5) < 1e-3
+    """)
+
+
+def test_extreme_shapes_keep_the_centre_crop_of_a_full_resize():
+    # 12 x 1200: small enough to resize whole, so the bounded path can be checked against it.
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (1200, 12, 3), dtype=np.uint8))
+    transform = build_eval_transform(32, (0.0,) * 3, (1 / 255,) * 3, crop_pct=0.875,
+                                     interpolation="bilinear")
+    resized = image.resize((36, 3600), Image.Resampling.BILINEAR)  # short side 32 / 0.875
+    expected = np.asarray(resized.crop((2, 1784, 34, 1816)), np.float32).transpose(2, 0, 1)
+    assert np.abs(transform(image).numpy() - expected).max() <= 2  # 8-bit rounding between passes

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vistra.data import build_eval_transform
+from vistra.data import build_eval_transform, scan_image_folder
+from vistra.predict import find_images
 
 GiB = 1 << 30
 
@@ -68,3 +69,47 @@ def test_extreme_shapes_keep_the_centre_crop_of_a_full_resize():
     resized = image.resize((36, 3600), Image.Resampling.BILINEAR)  # short side 32 / 0.875
     expected = np.asarray(resized.crop((2, 1784, 34, 1816)), np.float32).transpose(2, 0, 1)
     assert np.abs(transform(image).numpy() - expected).max() <= 2  # 8-bit rounding between passes
+
+
+# --- Symbolic links (item 8) -------------------------------------------------------------
+
+
+def _png(path, value=0, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 0, 0)).save(path)
+    return path
+
+
+def test_a_link_loop_scans_each_file_once(tmp_path):
+    for name in ("cat", "dog"):
+        for i in range(5):
+            _png(tmp_path / name / f"{i}.png", value=i)
+    os.symlink(".", tmp_path / "cat" / "loop")  # cat/loop/loop/... would repeat every file
+    split = scan_image_folder(tmp_path, val_fraction=0.4, seed=0)
+    paths = [path for path, _ in split.train + split.val]
+    assert len(paths) == 10 and all("loop" not in path.parts for path in paths)
+    assert split.skipped == []  # the loop is not entered at all: nothing to report
+
+
+def test_a_file_reached_twice_is_kept_once_under_its_real_path(tmp_path):
+    real = _png(tmp_path / "data" / "cat" / "sub" / "a.png")
+    for i in range(3):
+        _png(tmp_path / "data" / "cat" / f"{i}.png")
+        _png(tmp_path / "data" / "dog" / f"{i}.png")
+    os.symlink("sub", tmp_path / "data" / "cat" / "0alias")  # sorts before sub/: not entered
+    os.symlink(real, tmp_path / "data" / "dog" / "stray.png")  # the same file in another class
+    split = scan_image_folder(tmp_path / "data", val_fraction=0.0)
+    assert [path for path, _ in split.train].count(real) == 1
+    assert len(split.train) == 7
+    assert split.skipped == [(tmp_path / "data" / "dog" / "stray.png", f"same file as {real}")]
+
+
+def test_predict_lists_folders_as_training_does(tmp_path):
+    photos, elsewhere = tmp_path / "photos", tmp_path / "elsewhere"
+    _png(photos / "a.png")
+    _png(elsewhere / "b.png")
+    os.symlink(elsewhere, photos / "more")  # followed, once
+    os.symlink(".", photos / "loop")  # not followed again
+    images, missing = find_images([photos])
+    assert [p.relative_to(photos).as_posix() for p in images] == ["a.png", "more/b.png"]
+    assert missing == []

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from vistra.data import ImageLoadError, is_image_file, load_rgb
+from vistra.data import ImageLoadError, is_image_file, list_files, load_rgb
 
 from .evaluate import eval_transform, predict_log_probs
 
@@ -36,12 +36,15 @@ class Prediction:
 def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand folders (recursively, image file types only, sorted); keep files as given.
 
-    Returns the images and (path, reason) for inputs that do not exist or hold no images.
+    Folders are listed as training lists them (vistra.data.list_files): links followed, each
+    real file once. Returns the images and (path, reason) for inputs that do not exist or
+    hold no images.
     """
     images, missing = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            listed, duplicates = list_files([item])
+            found = [p for p in listed[item] if p not in duplicates and is_image_file(p)]
             if not found:
                 missing.append((item, "folder holds no image files"))
             images += found

@@ -9,10 +9,11 @@ failing an epoch later.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,11 @@ def scan_image_folder(
             f"{root} has a single class folder ({classes[0]}); a classifier needs at least two"
         )
 
-    listed = {folder: _list_files(folder) for folders in class_dirs.values() for folder in folders}
-    reasons, decoded = _vet([path for files in listed.values() for path in files], check,
-                            workers, keep_images)
+    listed, duplicates = list_files([folder for folders in class_dirs.values()
+                                     for folder in folders])
+    reasons, decoded = _vet([path for files in listed.values() for path in files
+                             if path not in duplicates], check, workers, keep_images)
+    reasons.update({path: f"same file as {kept}" for path, kept in duplicates.items()})
     skipped = sorted((path, reasons[path]) for path in reasons if reasons[path])
     found: dict[str, dict[str, list[Path]]] = {part: {} for part in class_dirs}
     for part, folders in class_dirs.items():
@@ -112,13 +115,66 @@ def _visible_subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_files(folder: Path) -> list[Path]:
-    """All visible files under `folder` (recursively, following links), sorted."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        files += [Path(dirpath, name) for name in filenames if not name.startswith(".")]
-    return sorted(files)
+FileId = tuple[int, int] | str  # (st_dev, st_ino), or the path of a broken link
+
+
+def list_files(folders: Sequence[Path]) -> tuple[dict[Path, list[Path]], dict[Path, Path]]:
+    """The visible files under each folder (recursively, sorted), and the paths that reach a
+    file already listed, each mapped to the path kept for it.
+
+    Links are followed, but each real directory is entered once per folder, so a link back
+    up the tree (`cls/loop -> .`) ends there instead of listing every file again at each
+    level. A file reached by several paths (a link, a hard link, a folder linked into
+    another) is kept once over all `folders`: under the path through the fewest links, then
+    the first in sorted order. Used alike by training, evaluation and prediction.
+    """
+    walks = {folder: _walk(folder) for folder in folders}
+    kept: dict[FileId, tuple[int, Path]] = {}
+    for links, path, file_id in itertools.chain(*walks.values()):
+        kept[file_id] = min(kept.get(file_id, (links, path)), (links, path))
+    files = {folder: sorted(path for _, path, _ in walk) for folder, walk in walks.items()}
+    duplicates = {path: kept[file_id][1] for walk in walks.values()
+                  for _, path, file_id in walk if path != kept[file_id][1]}
+    return files, duplicates
+
+
+def _walk(folder: Path) -> list[tuple[int, Path, FileId]]:
+    """(links followed, path, identity) of each visible file under `folder`, entering every
+    real directory once: first all those reached without a link, then through one link, ..."""
+    found: list[tuple[int, Path, FileId]] = []
+    entered: set[FileId] = set()
+    layer, links = [folder], 0
+    while layer:
+        linked: list[Path] = []
+        for start in layer:
+            start_id = _identity(start)
+            if start_id in entered:
+                continue
+            entered.add(start_id)
+            for dirpath, dirnames, filenames in os.walk(start):  # not into links: they wait
+                subdirs = []
+                for name in sorted(n for n in dirnames if not n.startswith(".")):
+                    path = os.path.join(dirpath, name)
+                    if os.path.islink(path):
+                        linked.append(Path(path))
+                    elif (dir_id := _identity(path)) not in entered:
+                        entered.add(dir_id)
+                        subdirs.append(name)
+                dirnames[:] = subdirs
+                for name in filenames:
+                    if not name.startswith("."):
+                        path = os.path.join(dirpath, name)
+                        found.append((links + os.path.islink(path), Path(path), _identity(path)))
+        layer, links = sorted(linked), links + 1
+    return found
+
+
+def _identity(path: str | os.PathLike) -> FileId:
+    try:
+        info = os.stat(path)
+    except OSError:  # a broken link: listed, and then reported as unreadable
+        return os.fspath(path)
+    return info.st_dev, info.st_ino
 
 
 def _vet(files: list[Path], check: bool, workers: int | None, keep: bool

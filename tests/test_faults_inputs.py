@@ -2,6 +2,7 @@
 train the wrong classes, output that would not parse. Each test failed on the code before
 its fix."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import textwrap
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import constant_checkpoint
 
+from vistra.cli import main
 from vistra.data import build_eval_transform, scan_image_folder
 from vistra.predict import find_images
 
@@ -113,3 +116,54 @@ def test_predict_lists_folders_as_training_does(tmp_path):
     images, missing = find_images([photos])
     assert [p.relative_to(photos).as_posix() for p in images] == ["a.png", "more/b.png"]
     assert missing == []
+
+
+# --- Split folders and edge splits (items 12, 15) ------------------------------------------
+
+
+def _classes(root, counts):
+    for name, n in counts.items():
+        for i in range(n):
+            _png(root / name / f"{i}.png", value=i)
+    return root
+
+
+@pytest.mark.parametrize("train, val", [("train", "valid"), ("training", "validation"),
+                                        ("Train", "Val"), ("train", "eval"),
+                                        ("train", "testing")])
+def test_split_folders_are_splits_not_classes(tmp_path, train, val):
+    _classes(tmp_path / train, {"cat": 3, "dog": 2})
+    _classes(tmp_path / val, {"cat": 1, "dog": 1})
+    split = scan_image_folder(tmp_path)
+    assert split.classes == ["cat", "dog"] and split.split_source == "folders"
+    assert (len(split.train), len(split.val)) == (5, 2)
+
+
+@pytest.mark.parametrize("names", [("train", "cat"), ("valid", "test"), ("training",)])
+def test_a_top_level_of_split_names_without_a_pair_is_refused(tmp_path, names):
+    for name in names:
+        _classes(tmp_path / name, {"x": 2, "y": 2})
+    with pytest.raises(ValueError, match=f"{names[0]}/.*named like a split"):
+        scan_image_folder(tmp_path)
+
+
+def test_a_class_with_one_image_keeps_it_for_training(tmp_path):
+    split = scan_image_folder(_classes(tmp_path, {"cat": 4, "rare": 1}), val_fraction=0.6)
+    labels = [label for _, label in split.train]
+    assert labels.count(1) == 1 and all(label == 0 for _, label in split.val)
+
+
+def test_an_empty_train_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "train").mkdir()
+    _classes(tmp_path / "val", {"cat": 1, "dog": 1})
+    with pytest.raises(ValueError, match=r"train has no class sub-folders.*train part"):
+        scan_image_folder(tmp_path)
+
+
+def test_eval_works_on_a_single_class_folder(tmp_path, capsys):
+    checkpoint = constant_checkpoint(tmp_path / "m.safetensors", ["cat", "dog"], "cat")
+    data = _classes(tmp_path / "only_cats", {"cat": 3})
+    assert main(["eval", str(checkpoint), "--data", str(data), "--json", "--workers", "0",
+                 "--plot", str(tmp_path / "cm.png")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] == 1.0 and report["images"] == 3

@@ -160,8 +160,8 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
     if holdout is not None:
         split = scan_image_folder(data, holdout["val_fraction"], holdout["seed"])
         samples = split.val
-    else:
-        split = scan_image_folder(data, val_fraction=0.0)
+    else:  # one class is enough to measure how often the model gets it right
+        split = scan_image_folder(data, val_fraction=0.0, min_classes=1)
         samples = split.val if split.split_source == "folders" else split.train
     unknown = sorted(set(split.classes) - set(classes))
     if unknown:

@@ -157,6 +157,8 @@ def _decode(path: Path, quick: bool) -> Image.Image:
         raise ImageLoadError(path, _too_large("its header's size")) from error
     except UnidentifiedImageError as error:
         raise ImageLoadError(path, "not an image") from error
+    except MemoryError as error:
+        raise ImageLoadError(path, "out of memory while decoding it") from error
     except OSError as error:
         if error.errno is not None:  # the file system, not the image data
             raise ImageLoadError(path, f"unreadable: {error.strerror}") from error

@@ -21,13 +21,13 @@ from vistra.predict import find_images
 GiB = 1 << 30
 
 
-def run_with_memory_cap(code: str, extra: int = GiB) -> None:
+def run_with_memory_cap(code: str, imports: str = "vistra.data", extra: int = GiB) -> None:
     """Run `code` in a fresh interpreter whose address space may grow by only `extra` bytes
-    once the code's imports are done: an allocation beyond that raises MemoryError there
-    instead of taking the machine's memory here."""
+    once `imports` are done: an allocation beyond that raises MemoryError there instead of
+    taking the machine's memory here."""
     script = "\n".join([
         "import resource",
-        "import numpy, PIL.Image, vistra.data, vistra.data.folder",
+        f"import numpy, PIL.Image, {imports}",
         "with open('/proc/self/status') as f:",
         "    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize'))",
         f"resource.setrlimit(resource.RLIMIT_AS, (size + {extra}, resource.RLIM_INFINITY))",

@@ -11,7 +11,10 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_evaluate import constant_checkpoint
 
 from vistra.cli import main
@@ -197,3 +200,52 @@ def test_the_scan_bounds_the_memory_of_images_decoded_at_once(tmp_path):
                             env={**os.environ, "MALLOC_ARENA_MAX": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout) * 1024 < 400 << 20
+
+
+# --- What is printed (item 13) -----------------------------------------------------------
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, as every parser but Python's does."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_writes_an_infinite_loss_as_null(tmp_path, capsys):
+    checkpoint = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b"], "a")
+    state = load_file(str(checkpoint))
+    state["head.bias"] = torch.tensor([3e38, -3e38])  # finite weights, log p(b) = -inf
+    with safe_open(str(checkpoint), framework="pt") as f:
+        save_file(state, str(checkpoint), metadata=f.metadata())
+    data = _classes(tmp_path / "data", {"a": 1, "b": 1})
+    assert main(["eval", str(checkpoint), "--data", str(data), "--json", "--workers", "0",
+                 "--plot", str(tmp_path / "cm.png")]) == 0
+    report = strict_json(capsys.readouterr().out)
+    assert report["loss"] is None and report["top1"] == 0.5
+
+
+def test_predict_json_is_an_empty_list_when_every_image_failed(tmp_path, capsys):
+    checkpoint = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b"], "a")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", str(checkpoint), str(tmp_path / "broken.png"),
+                 "--format", "json"]) == 1
+    captured = capsys.readouterr()
+    assert strict_json(captured.out) == [] and "broken.png: not an image" in captured.err
+
+
+def test_a_file_name_that_is_not_utf8_is_printed_escaped_with_the_others(tmp_path, capsys):
+    checkpoint = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b"], "b")
+    photos = tmp_path / "photos"
+    try:
+        _png(photos / os.fsdecode(b"caf\xe9.png"))  # Latin-1, as old cameras and zips write
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take names that are not UTF-8")
+    _png(photos / "z.png")
+    for fmt in ("text", "csv"):
+        assert main(["predict", str(checkpoint), str(photos), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        assert "caf\\xe9.png" in out and "z.png" in out
+    assert main(["predict", str(checkpoint), str(photos), "--format", "json"]) == 0
+    assert [p["path"] for p in strict_json(capsys.readouterr().out)] == [
+        str(photos / "caf\\xe9.png"), str(photos / "z.png")]

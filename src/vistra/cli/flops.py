@@ -4,10 +4,10 @@ of each stage under global and windowed attention (SPEC §1 "Complexity")."""
 from __future__ import annotations
 
 import argparse
-import json
 
 from vistra.analysis.complexity import KINDS
 from vistra.analysis.flops import flops_report
+from vistra.output import to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
         report["plot"] = str(plot_attention_scaling(args.name, args.plot))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(to_json(report, indent=2))
         return 0
     print(render(report))
     return 0

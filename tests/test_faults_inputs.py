@@ -4,10 +4,12 @@ its fix."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,3 +251,16 @@ def test_a_file_name_that_is_not_utf8_is_printed_escaped_with_the_others(tmp_pat
     assert main(["predict", str(checkpoint), str(photos), "--format", "json"]) == 0
     assert [p["path"] for p in strict_json(capsys.readouterr().out)] == [
         str(photos / "caf\\xe9.png"), str(photos / "z.png")]
+
+
+# --- Text shown to users (item 19) -------------------------------------------------------
+
+
+def test_no_user_facing_text_cites_documents_outside_the_repository():
+    repo = Path(__file__).resolve().parents[1]
+    cited = [f"{path.relative_to(repo)}:{number}"
+             for folder in ("src", "benchmarks") for path in sorted((repo / folder).rglob("*"))
+             if path.suffix in (".py", ".md", ".yaml", ".txt")
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"\bSPEC\b", line)]
+    assert cited == []

@@ -160,40 +160,50 @@ def list_files(folders: Sequence[Path]) -> tuple[dict[Path, list[Path]], dict[Pa
     walks = {folder: _walk(folder) for folder in folders}
     kept: dict[FileId, tuple[int, Path]] = {}
     for links, path, file_id in itertools.chain(*walks.values()):
-        kept[file_id] = min(kept.get(file_id, (links, path)), (links, path))
+        best = kept.get(file_id)
+        if best is None or (links, path) < best:  # compared only for a file seen twice
+            kept[file_id] = links, path
     files = {folder: sorted(path for _, path, _ in walk) for folder, walk in walks.items()}
     duplicates = {path: kept[file_id][1] for walk in walks.values()
-                  for _, path, file_id in walk if path != kept[file_id][1]}
+                  for _, path, file_id in walk if path is not kept[file_id][1]}
     return files, duplicates
 
 
 def _walk(folder: Path) -> list[tuple[int, Path, FileId]]:
     """(links followed, path, identity) of each visible file under `folder`, entering every
-    real directory once: first all those reached without a link, then through one link, ..."""
+    real directory once: first all those reached without a link, then through one link, ...
+
+    One stat per directory, not per file: a file that is not a link shares its directory's
+    device and has its inode number in the directory listing.
+    """
     found: list[tuple[int, Path, FileId]] = []
     entered: set[FileId] = set()
-    layer, links = [folder], 0
+    layer, links = [os.fspath(folder)], 0
     while layer:
-        linked: list[Path] = []
-        for start in layer:
-            start_id = _identity(start)
-            if start_id in entered:
+        linked: list[str] = []
+        pending = list(layer)
+        while pending:
+            directory = pending.pop()
+            directory_id = _identity(directory)
+            if directory_id in entered or isinstance(directory_id, str):
                 continue
-            entered.add(start_id)
-            for dirpath, dirnames, filenames in os.walk(start):  # not into links: they wait
-                subdirs = []
-                for name in sorted(n for n in dirnames if not n.startswith(".")):
-                    path = os.path.join(dirpath, name)
-                    if os.path.islink(path):
-                        linked.append(Path(path))
-                    elif (dir_id := _identity(path)) not in entered:
-                        entered.add(dir_id)
-                        subdirs.append(name)
-                dirnames[:] = subdirs
-                for name in filenames:
-                    if not name.startswith("."):
-                        path = os.path.join(dirpath, name)
-                        found.append((links + os.path.islink(path), Path(path), _identity(path)))
+            entered.add(directory_id)
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:  # unreadable: as os.walk does, leave it out
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    if entry.is_dir():  # followed once the real directories are all listed
+                        linked.append(entry.path)
+                    else:
+                        found.append((links + 1, Path(entry.path), _identity(entry.path)))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    found.append((links, Path(entry.path), (directory_id[0], entry.inode())))
         layer, links = sorted(linked), links + 1
     return found
 

@@ -66,6 +66,11 @@ def test_metadata_of_the_wrong_shape_is_a_clear_error(tmp_path):
               metadata={**meta, "arch": "[1, 2]"})
     with pytest.raises(ValueError, match="bad.safetensors has damaged vistra metadata"):
         load_checkpoint(tmp_path / "bad.safetensors")
+    narrow = with_metadata(vit, tmp_path / "narrow.safetensors", {"embed_dim": 16})
+    with pytest.raises(ValueError, match=r"narrow.safetensors was refused: .*tensor blocks.0."
+                                         r"attn.proj.bias of shape \(16,\), but the file holds "
+                                         r"\(32,\)"):
+        load_checkpoint(narrow)
 
 
 def npz_member(name: str, header_shape: tuple, payload: bytes) -> bytes:

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vistra.models import DataConfig, build_model
 
@@ -67,8 +70,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild the model a vistra checkpoint describes and load its weights.
 
     The model gets `.classes` (list of names or None) besides `.name`, `.arch`, `.data_config`.
-    The file is not trusted: the model its metadata declares must match the tensors it
-    holds before anything is allocated, and no weight may be NaN or infinite.
+    The file is not trusted: building the model its metadata declares may not allocate
+    more than the file's weights (each allocation is checked before it is made), and no
+    weight may be NaN or infinite.
     """
     path = Path(path)
     if not path.is_file():
@@ -89,8 +93,20 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path} has no vistra metadata; load third-party weights with "
             f"vistra.create_model(NAME, pretrained='{path}') or convert them with `vistra convert`"
         )
-    _check_declared_model(path, meta["model_name"], arch, data, shapes)
-    model = build_model(meta["model_name"], **arch)
+    _check_declared_numbers(path, arch, data, shapes)
+    weights = sum(math.prod(shape) for shape in shapes.values()) * 4  # built as float32
+    try:
+        with _AllocationBudget(weights + _BUILD_ALLOWANCE, lambda what: _refusal(path, what)):
+            model = build_model(meta["model_name"], **arch)
+    except (TypeError, RuntimeError, OverflowError) as err:
+        raise _refusal(path, f"a model vistra cannot build ({err})") from err
+    declared = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    if declared != shapes:
+        key = next(k for k in sorted(declared.keys() | shapes.keys())
+                   if declared.get(k) != shapes.get(k))
+        raise _refusal(path, f"{meta['model_name']} with tensor {key} of shape "
+                             f"{declared.get(key, 'none')}, but the file holds "
+                             f"{shapes.get(key, 'none')}")
     model.data_config = data
     state = load_file(str(path), device=str(device))
     check_finite(state, path)
@@ -102,9 +118,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 # Larger inputs than this per side are no image classifier's: a crop of that size alone
 # would take gigabytes per image.
 MAX_IMAGE_SIDE = 8192
-# Buffers computed at construction (Swin's relative position indices) grow with the window
-# as M^4: they may take as much memory as the file's weights, or this much.
-_BUFFER_ALLOWANCE = 64 << 20
+# Swin's relative position index takes M^4 entries per block, computed, not stored: a window
+# of 200 would take 12.8 GB in each. Published models use 7 to 24.
+MAX_WINDOW = 32
+# Building may allocate this much beyond the file's weights (as float32): buffers computed
+# at construction.
+_BUILD_ALLOWANCE = 64 << 20
 
 
 def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -113,42 +132,50 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
-def _check_declared_model(path: Path, name: str, arch: dict, data: DataConfig,
-                          shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse metadata that declares a model other than the one the file's tensors make.
+def _refusal(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} was refused: its metadata declares {what}; the file is corrupt "
+                      f"or was edited, use another copy of the checkpoint")
 
-    A few bytes of metadata can declare an embedding of a million channels or a million
-    layers; built, it would take terabytes. The declared model is built on the meta device
-    (shapes only, no memory) and held to the tensor shapes in the file's header, so what is
-    then allocated is what the file holds.
-    """
-    def refuse(what: str) -> ValueError:
-        return ValueError(f"{path} was refused: its metadata declares {what}; the file is "
-                          f"corrupt or was edited, use another copy of the checkpoint")
 
+def _check_declared_numbers(path: Path, arch: dict, data: DataConfig,
+                            shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse declared numbers that would cost time or memory no file of this size can
+    justify, before the model is built: layers (each has weights in the file), input size
+    and window (their cost is computed, not stored)."""
     layers = sum(sum(_ints(arch.get(key))) for key in ("depth", "depths", "hybrid_depths"))
     layers += len(arch.get("conv_stem") or ())
-    if layers > len(shapes):  # each layer has weights: building it first would be slow
-        raise refuse(f"{layers} layers, but the file holds {len(shapes)} tensors")
-    sides = [*_ints(arch.get("img_size")), *_ints(data.img_size)]
-    if max(sides, default=0) > MAX_IMAGE_SIDE:
-        raise refuse(f"an input size of {max(sides)} pixels, over the {MAX_IMAGE_SIDE} limit")
-    try:
-        with torch.device("meta"):
-            skeleton = build_model(name, **arch)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise refuse(f"a model vistra cannot build ({err})") from err
-    state = skeleton.state_dict()
-    declared = {key: tuple(tensor.shape) for key, tensor in state.items()}
-    if declared != shapes:
-        key = next(k for k in sorted(declared.keys() | shapes.keys())
-                   if declared.get(k) != shapes.get(k))
-        raise refuse(f"{name} with tensor {key} of shape {declared.get(key, 'none')}, but "
-                     f"the file holds {shapes.get(key, 'none')}")
-    buffers = sum(b.numel() * b.element_size() for k, b in skeleton.named_buffers()
-                  if k not in state)
-    if buffers > max(path.stat().st_size, _BUFFER_ALLOWANCE):
-        raise refuse(f"{name} whose computed buffers would take {buffers:,} bytes")
+    if layers > len(shapes):
+        raise _refusal(path, f"{layers} layers, but the file holds {len(shapes)} tensors")
+    side = max([*_ints(arch.get("img_size")), *_ints(data.img_size)], default=0)
+    if side > MAX_IMAGE_SIDE:
+        raise _refusal(path, f"an input size of {side} pixels, over the {MAX_IMAGE_SIDE} limit")
+    window = max(_ints(arch.get("window_size")), default=0)
+    if window > MAX_WINDOW:
+        raise _refusal(path, f"a window of {window}, over the {MAX_WINDOW} limit")
+
+
+class _AllocationBudget(TorchFunctionMode):
+    """While active, a tensor constructor that would take what was built past `budget`
+    bytes is refused before it allocates: a few bytes of metadata can declare an embedding
+    of a million channels, which built would take terabytes."""
+
+    _SIZED = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand,
+                        torch.randn})
+
+    def __init__(self, budget: int, refuse: Callable[[str], ValueError]) -> None:
+        super().__init__()
+        self.budget, self.used, self.refuse = budget, 0, refuse
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SIZED:
+            size = kwargs.get("size", args[0] if args and not isinstance(args[0], int) else args)
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.used += math.prod(size) * dtype.itemsize
+            if self.used > self.budget:
+                raise self.refuse(f"a model of more than {self.budget:,} bytes, more than "
+                                  f"the file's weights")
+        return func(*args, **kwargs)
 
 
 def _ints(value: object) -> list[int]:

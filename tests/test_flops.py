@@ -1,5 +1,5 @@
-"""Counting: published totals, the analytic count equal to the FLOP counter, the SPEC
-attention formulas against the measured layer, and the `flops` / `models` commands."""
+"""Counting: published totals, the analytic count equal to the FLOP counter, the Swin
+paper's attention formulas against the measured layer, and the `flops` / `models` commands."""
 
 import json
 

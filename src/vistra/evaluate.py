@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from vistra.data import ImageFolderDataset, build_eval_transform, scan_image_folder
 from vistra.data.transforms import grey_level
+from vistra.output import printable
 from vistra.weights import load_checkpoint, read_metadata
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -126,7 +127,7 @@ class EvalReport:
         confusion = self.totals.confusion
         hits = confusion.diag().tolist()
         predicted, present = confusion.sum(0).tolist(), confusion.sum(1).tolist()
-        return [{"class": name,
+        return [{"class": printable(name),
                  "precision": hits[i] / predicted[i] if predicted[i] else None,
                  "recall": hits[i] / present[i] if present[i] else None,
                  "support": present[i]}
@@ -134,7 +135,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return {"top1": self.totals.top1, "top5": self.totals.top5, "loss": self.totals.loss,
-                "images": self.totals.count, "classes": self.classes,
+                "images": self.totals.count, "classes": [printable(c) for c in self.classes],
                 "per_class": self.per_class(), "confusion": self.totals.confusion.tolist()}
 
     def format(self) -> str:
@@ -142,7 +143,8 @@ class EvalReport:
         t = self.totals
         lines = [f"images: {t.count}   top-1: {100 * t.top1:.2f}%   top-5: {100 * t.top5:.2f}%"
                  f"   loss: {t.loss:.4f}", ""]
-        width = max(len("class"), *(len(name) for name in self.classes))
+        names = [printable(name) for name in self.classes]
+        width = max(len("class"), *(len(name) for name in names))
         lines.append(f"{'class':<{width}}  precision  recall  support")
         for row in self.per_class():
             p, r = (("   -" if v is None else f"{100 * v:5.1f}%") for v in
@@ -150,7 +152,7 @@ class EvalReport:
             lines.append(f"{row['class']:<{width}}  {p:>9}  {r:>6}  {row['support']:>7}")
         lines += ["", "confusion matrix (rows: true class, columns: predicted, in class order)"]
         cell = max(4, len(str(int(t.confusion.max()))) + 1)
-        for name, row in zip(self.classes, t.confusion.tolist(), strict=True):
+        for name, row in zip(names, t.confusion.tolist(), strict=True):
             lines.append(f"{name:<{width}} " + "".join(f"{v:>{cell}}" for v in row))
         return "\n".join(lines)
 
@@ -160,8 +162,8 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
     if holdout is not None:
         split = scan_image_folder(data, holdout["val_fraction"], holdout["seed"])
         samples = split.val
-    else:
-        split = scan_image_folder(data, val_fraction=0.0)
+    else:  # one class is enough to measure how often the model gets it right
+        split = scan_image_folder(data, val_fraction=0.0, min_classes=1)
         samples = split.val if split.split_source == "folders" else split.train
     unknown = sorted(set(split.classes) - set(classes))
     if unknown:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from vistra.data import ImageLoadError, is_image_file, load_rgb
+from vistra.data import ImageLoadError, is_image_file, list_files, load_rgb
 
 from .evaluate import eval_transform, predict_log_probs
+from .output import printable, to_json
 
 FORMATS = ("text", "json", "csv")
 _MIN_ANNOTATED_WIDTH = 320  # small images are enlarged so the label stays legible
@@ -36,12 +36,15 @@ class Prediction:
 def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand folders (recursively, image file types only, sorted); keep files as given.
 
-    Returns the images and (path, reason) for inputs that do not exist or hold no images.
+    Folders are listed as training lists them (vistra.data.list_files): links followed, each
+    real file once. Returns the images and (path, reason) for inputs that do not exist or
+    hold no images.
     """
     images, missing = [], []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_file(p))
+            listed, duplicates = list_files([item])
+            found = [p for p in listed[item] if p not in duplicates and is_image_file(p)]
             if not found:
                 missing.append((item, "folder holds no image files"))
             images += found
@@ -93,22 +96,26 @@ def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], *, topk
 
 
 def format_predictions(predictions: list[Prediction], fmt: str = "text") -> str:
-    """text: one line per image; json: a list of {path, topk: [{class, probability}]};
-    csv: one row per (image, rank) with a header."""
+    """text: one line per image; json: a list of {path, topk: [{class, probability}]} (`[]`
+    for none; a NaN probability is null); csv: one row per (image, rank) with a header.
+
+    Names that are not valid UTF-8 are shown with \\xNN escapes (vistra.output.printable).
+    """
     if fmt == "json":
-        return json.dumps([{"path": str(p.path),
-                            "topk": [{"class": c, "probability": v} for c, v in p.topk]}
-                           for p in predictions], indent=2)
+        return to_json([{"path": printable(p.path),
+                         "topk": [{"class": printable(c), "probability": v} for c, v in p.topk]}
+                        for p in predictions], indent=2)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["path", "rank", "class", "probability"])
         for p in predictions:
-            writer.writerows((str(p.path), rank, c, f"{v:.6f}")
+            writer.writerows((printable(p.path), rank, printable(c), f"{v:.6f}")
                              for rank, (c, v) in enumerate(p.topk, 1))
         return out.getvalue().rstrip("\n")
     if fmt == "text":
-        return "\n".join(f"{p.path}: " + ", ".join(f"{c} {100 * v:.1f}%" for c, v in p.topk)
+        return "\n".join(f"{printable(p.path)}: "
+                         + ", ".join(f"{printable(c)} {100 * v:.1f}%" for c, v in p.topk)
                          for p in predictions)
     raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 

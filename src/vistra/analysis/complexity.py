@@ -1,5 +1,6 @@
-"""The complexity argument of the Swin paper, in code: cost per attention layer from SPEC §1
-"Complexity", and the whole model's parameters and multiply-adds worked out from its numbers.
+"""The complexity argument of the Swin paper (Liu et al. 2021, "Swin Transformer: Hierarchical
+Vision Transformer using Shifted Windows", Eq. 1 and 2), in code: cost per attention layer,
+and the whole model's parameters and multiply-adds worked out from its numbers.
 
     Omega(MSA)   = 4 hw C^2 + 2 (hw)^2 C      (qkv + output projection, QK^T and AV)
     Omega(W-MSA) = 4 hw C^2 + 2 M^2 hw C

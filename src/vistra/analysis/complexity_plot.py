@@ -1,4 +1,4 @@
-"""Attention cost against image size, global against windowed: the SPEC formulas and the
+"""Attention cost against image size, global against windowed: the Swin paper's formulas and the
 measured time of the same layer, for a model's first stage (where the map is largest)."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def plot_attention_scaling(name: str, path: str | Path, sizes: tuple[int, ...] =
               label="global MSA: 4hwC² + 2(hw)²C")
     left.plot(x, [p.wmsa_macs / 1e9 for p in points], "s-", color="C0",
               label=f"W-MSA, M={s.window}{what_if}: 4hwC² + 2M²hwC")
-    left.set_title("analytic cost (SPEC §1 Complexity)")
+    left.set_title("analytic cost (Liu et al. 2021, Eq. 1 and 2)")
     left.set_ylabel("GMACs per layer, one image")
     timed = [p for p in points if p.msa_ms is not None]
     untimed = (f"\n(not timed past {timed[-1].img_size} px: > {GLOBAL_TIME_LIMIT_MACS / 1e9:.0f}"

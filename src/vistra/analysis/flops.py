@@ -142,8 +142,8 @@ NOT_COUNTED = ("softmax, the relative-position bias and shift-mask adds, the 1/s
 
 def flops_report(name: str, img_size: int | tuple[int, int] | None = None) -> dict:
     """Everything `vistra flops` prints: parameters and MACs of the built model counted by
-    running it, by stage and kind, and per stage one attention layer's cost under the SPEC
-    formulas (global MSA, W-MSA) next to the counted cost of the same layer."""
+    running it, by stage and kind, and per stage one attention layer's cost under the Swin
+    paper's formulas (global MSA, W-MSA) next to the counted cost of the same layer."""
     with torch.device("meta"):
         model = build_model(name, img_size=img_size)
     measured = measure(model)

@@ -4,10 +4,10 @@ peak, and peak memory; optionally next to HuggingFace transformers' equivalent m
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from vistra.analysis.benchmark import DTYPES, MODES, Report, benchmark
+from vistra.output import to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                        dtype=args.dtype, mode=args.mode, compile=args.compile,
                        compare=args.compare, repeats=args.repeats, warmup=args.warmup,
                        measure_memory=not args.no_memory, malloc_heap=args.malloc_heap)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
+    print(to_json(report.to_dict(), indent=2) if args.json else render(report))
     return 0
 
 

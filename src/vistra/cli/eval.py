@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from vistra.analysis.plots import plot_confusion_matrix
 from vistra.evaluate import evaluate_checkpoint
+from vistra.output import to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                           title=f"{Path(args.checkpoint).name} on {data_name}: "
                                 f"top-1 {100 * report.totals.top1:.1f}%")
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(to_json(report.to_dict(), indent=2))
         print(f"confusion matrix plot: {plot}", file=sys.stderr)
     else:
         print(report.format())

@@ -1,13 +1,14 @@
 """`vistra flops NAME`: parameters and multiply-adds by stage and kind, and the attention cost
-of each stage under global and windowed attention (SPEC §1 "Complexity")."""
+of each stage under global and windowed attention (Liu et al. 2021, "Swin Transformer:
+Hierarchical Vision Transformer using Shifted Windows", Eq. 1 and 2)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
 from vistra.analysis.complexity import KINDS
 from vistra.analysis.flops import flops_report
+from vistra.output import to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "flops", help="count parameters and MACs by stage and kind; attention cost formulas",
         description="Count a model's parameters and multiply-adds by running it under torch's "
                     "FLOP counter (on the meta device: no memory, no arithmetic), by stage and "
-                    "by kind, and compare one attention layer per stage with the SPEC formulas "
+                    "by kind, and compare one attention layer per stage with the Swin paper's "
+                    "formulas (Liu et al. 2021, Eq. 1 and 2) "
                     "for global attention (4hwC^2 + 2(hw)^2 C) and windows (4hwC^2 + 2M^2 hwC).")
     p.add_argument("name", help="a registered model name (see `vistra models`)")
     p.add_argument("--img-size", type=int, default=None,
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
         report["plot"] = str(plot_attention_scaling(args.name, args.plot))
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(to_json(report, indent=2))
         return 0
     print(render(report))
     return 0
@@ -56,8 +58,9 @@ def render(report: dict) -> str:
     for stage, kinds in [*stages.items(), ("total", report["by_kind"])]:
         cells = "".join(f"{_m(kinds.get(k, 0)):>13}" for k in KINDS)
         lines.append(f"{stage:<8}{cells}{_m(sum(kinds.values())):>13}")
-    lines += ["", "One attention layer per stage (millions of MACs): the SPEC formulas against "
-              "the counter", f"{'':<8}{'map':>9}{'C':>6}{'heads':>7}{'M':>4}{'global MSA':>13}"
+    lines += ["", "One attention layer per stage (millions of MACs): the Swin paper's formulas "
+              "(Liu et al. 2021, Eq. 1 and 2) against the counter",
+              f"{'':<8}{'map':>9}{'C':>6}{'heads':>7}{'M':>4}{'global MSA':>13}"
               f"{'W-MSA':>11}{'measured':>11}{'ratio':>8}"]
     notes = set()
     for s in report["stages"]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from vistra.analysis.flops import model_summary
 from vistra.models import list_models
+from vistra.output import to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no model matches {args.pattern!r}; try `vistra models` for all")
     rows = [model_summary(n) for n in names]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(to_json(rows, indent=2))
         return 0
     width = max(len(r["name"]) for r in rows)
     print(f"{'model':<{width}}  {'params (M)':>10}  {'GMACs':>8}  {'input':>9}  classes")

@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
     predictions, unreadable = predict_images(model, images, topk=args.topk,
                                              batch_size=args.batch_size, flip=args.tta_flip)
     failed += unreadable
-    if predictions:
-        print(format_predictions(predictions, args.format))
+    output = format_predictions(predictions, args.format)
+    if output:  # with no predictions: `[]` in JSON, the header in CSV, nothing in text
+        print(output)
     if args.annotate and predictions:
         annotate_all(predictions, args.annotate)
         print(f"annotated images written to {args.annotate}", file=sys.stderr)

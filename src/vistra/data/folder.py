@@ -2,17 +2,21 @@
 
 Two layouts are understood:
   root/<class>/*.jpg                      split here, per class, `val_fraction` to validation
-  root/train/<class>/*, root/val/<class>/* (or validation/ or test/) used as given
+  root/train/<class>/*, root/val/<class>/* used as given (any of TRAIN_FOLDER_NAMES beside
+                                          any of VAL_FOLDER_NAMES, in any letter case)
+A top level with only some of those names is refused: taken as classes, `train/` and
+`valid/` would make a two-class model of the split itself.
 Every file is vetted up front, so a broken image is reported by name at the start instead of
 failing an epoch later.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,8 @@ from vistra.data.transforms import pixel_mode
 
 Sample = tuple[Path, int]
 
-VAL_FOLDER_NAMES = ("val", "validation", "test")
+TRAIN_FOLDER_NAMES = ("train", "training")
+VAL_FOLDER_NAMES = ("val", "valid", "validation", "eval", "test", "testing")  # first found wins
 
 
 @dataclass
@@ -49,6 +54,7 @@ def scan_image_folder(
     check: bool = True,
     workers: int | None = None,
     keep_images: bool = False,
+    min_classes: int = 2,
 ) -> DatasetSplit:
     """Find the classes and images under `root` and split them into train and validation.
 
@@ -58,33 +64,39 @@ def scan_image_folder(
     decoded (in `workers` threads; Pillow releases the GIL while decoding) and failures go to
     `skipped` with a reason; `keep_images` keeps the decoded RGB images in `images`, for a
     dataset that caches them anyway (it saves decoding each file a second time in the first
-    epoch). Raises ValueError for a folder that cannot make a classifier.
+    epoch). Raises ValueError for a folder that cannot make a classifier (fewer than
+    `min_classes` classes: evaluation accepts one).
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist or is not a directory")
-    subdirs = {path.name: path for path in _visible_subdirs(root)}
-    val_name = next((name for name in VAL_FOLDER_NAMES if name in subdirs), None)
-    if "train" in subdirs and val_name is not None:
-        parts = {"train": subdirs["train"], "val": subdirs[val_name]}
+    subdirs = _visible_subdirs(root)
+    parts = _split_folders(root, subdirs)
+    if parts:
         class_dirs = {part: _visible_subdirs(folder) for part, folder in parts.items()}
+        for part, folder in parts.items():
+            if not class_dirs[part]:
+                raise ValueError(f"{folder} has no class sub-folders (expected "
+                                 f"{folder}/<class>/<image>); the {part} part cannot be empty")
         split_source = "folders"
     else:
-        class_dirs = {"all": list(subdirs.values())}
+        class_dirs = {"all": subdirs}
         split_source = "random"
     classes = sorted({folder.name for folders in class_dirs.values() for folder in folders})
     if not classes:
         raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
-    if len(classes) == 1:
+    if len(classes) < min_classes:
         raise ValueError(
             f"{root} has a single class folder ({classes[0]}); a classifier needs at least two"
         )
 
-    listed = {folder: _list_files(folder) for folders in class_dirs.values() for folder in folders}
-    reasons, decoded = _vet([path for files in listed.values() for path in files], check,
-                            workers, keep_images)
+    listed, duplicates = list_files([folder for folders in class_dirs.values()
+                                     for folder in folders])
+    reasons, decoded = _vet([path for files in listed.values() for path in files
+                             if path not in duplicates], check, workers, keep_images)
+    reasons.update({path: f"same file as {kept}" for path, kept in duplicates.items()})
     skipped = sorted((path, reasons[path]) for path in reasons if reasons[path])
     found: dict[str, dict[str, list[Path]]] = {part: {} for part in class_dirs}
     for part, folders in class_dirs.items():
@@ -108,17 +120,100 @@ def scan_image_folder(
     return DatasetSplit(classes, train, val, skipped, split_source, decoded)
 
 
+def _split_folders(root: Path, subdirs: list[Path]) -> dict[str, Path]:
+    """{"train": folder, "val": folder} when `root` is split into folders, {} when its
+    sub-folders are the classes; refuses a mix, whose split names would become classes."""
+    by_name = {folder.name.lower(): folder for folder in subdirs}
+    train = next((by_name[n] for n in TRAIN_FOLDER_NAMES if n in by_name), None)
+    val = next((by_name[n] for n in VAL_FOLDER_NAMES if n in by_name), None)
+    if train is not None and val is not None:
+        return {"train": train, "val": val}
+    named = [folder.name for folder in subdirs
+             if folder.name.lower() in TRAIN_FOLDER_NAMES + VAL_FOLDER_NAMES]
+    if named:
+        found = ", ".join(f"{name}/" for name in named)
+        raise ValueError(
+            f"{root} holds {found}, named like a split, not a class: give a training folder "
+            f"({' or '.join(TRAIN_FOLDER_NAMES)}) beside a validation one "
+            f"({', '.join(VAL_FOLDER_NAMES)}), or point at the folder that holds the classes "
+            f"(e.g. {root / named[0]})")
+    return {}
+
+
 def _visible_subdirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _list_files(folder: Path) -> list[Path]:
-    """All visible files under `folder` (recursively, following links), sorted."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [name for name in dirnames if not name.startswith(".")]
-        files += [Path(dirpath, name) for name in filenames if not name.startswith(".")]
-    return sorted(files)
+FileId = tuple[int, int] | str  # (st_dev, st_ino), or the path of a broken link
+
+
+def list_files(folders: Sequence[Path]) -> tuple[dict[Path, list[Path]], dict[Path, Path]]:
+    """The visible files under each folder (recursively, sorted), and the paths that reach a
+    file already listed, each mapped to the path kept for it.
+
+    Links are followed, but each real directory is entered once per folder, so a link back
+    up the tree (`cls/loop -> .`) ends there instead of listing every file again at each
+    level. A file reached by several paths (a link, a hard link, a folder linked into
+    another) is kept once over all `folders`: under the path through the fewest links, then
+    the first in sorted order. Used alike by training, evaluation and prediction.
+    """
+    walks = {folder: _walk(folder) for folder in folders}
+    kept: dict[FileId, tuple[int, Path]] = {}
+    for links, path, file_id in itertools.chain(*walks.values()):
+        best = kept.get(file_id)
+        if best is None or (links, path) < best:  # compared only for a file seen twice
+            kept[file_id] = links, path
+    files = {folder: sorted(path for _, path, _ in walk) for folder, walk in walks.items()}
+    duplicates = {path: kept[file_id][1] for walk in walks.values()
+                  for _, path, file_id in walk if path is not kept[file_id][1]}
+    return files, duplicates
+
+
+def _walk(folder: Path) -> list[tuple[int, Path, FileId]]:
+    """(links followed, path, identity) of each visible file under `folder`, entering every
+    real directory once: first all those reached without a link, then through one link, ...
+
+    One stat per directory, not per file: a file that is not a link shares its directory's
+    device and has its inode number in the directory listing.
+    """
+    found: list[tuple[int, Path, FileId]] = []
+    entered: set[FileId] = set()
+    layer, links = [os.fspath(folder)], 0
+    while layer:
+        linked: list[str] = []
+        pending = list(layer)
+        while pending:
+            directory = pending.pop()
+            directory_id = _identity(directory)
+            if directory_id in entered or isinstance(directory_id, str):
+                continue
+            entered.add(directory_id)
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:  # unreadable: as os.walk does, leave it out
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    if entry.is_dir():  # followed once the real directories are all listed
+                        linked.append(entry.path)
+                    else:
+                        found.append((links + 1, Path(entry.path), _identity(entry.path)))
+                elif entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    found.append((links, Path(entry.path), (directory_id[0], entry.inode())))
+        layer, links = sorted(linked), links + 1
+    return found
+
+
+def _identity(path: str | os.PathLike) -> FileId:
+    try:
+        info = os.stat(path)
+    except OSError:  # a broken link: listed, and then reported as unreadable
+        return os.fspath(path)
+    return info.st_dev, info.st_ino
 
 
 def _vet(files: list[Path], check: bool, workers: int | None, keep: bool
@@ -165,9 +260,12 @@ def _label(found: dict[str, list[Path]], index: dict[str, int]) -> list[Sample]:
 def _split_class(
     paths: list[Path], name: str, val_fraction: float, seed: int
 ) -> tuple[list[Path], list[Path]]:
-    """Seeded per-class split; keeps >= 1 image on each side when the class has two or more."""
+    """Seeded per-class split; keeps >= 1 image on each side when the class has two or more,
+    and a class's only image for training (a class never seen in training cannot be learnt)."""
     n_val = round(len(paths) * val_fraction)
-    if val_fraction > 0 and len(paths) >= 2:
+    if len(paths) < 2:
+        n_val = 0
+    elif val_fraction > 0:
         n_val = min(max(n_val, 1), len(paths) - 1)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     val_positions = set(rng.permutation(len(paths))[:n_val].tolist())

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 # Pillow's own hard limit (twice its warning threshold): larger files are far more likely to
 # be decompression bombs than photos, and decoding one could exhaust memory.
 MAX_PIXELS = 178_956_970
+# Decoding and converting to RGB holds up to ~16 bytes per pixel at its peak (16-bit data:
+# the decoded plane, its numpy copy, 32-bit working values, the RGB result), and the folder
+# scan decodes in many threads: one process decodes at most this many such bytes at once
+# (a single larger image still decodes, alone).
+DECODE_MEMORY = 2 << 30
+_PEAK_BYTES_PER_PIXEL = 16
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _WHITE = (255, 255, 255)
@@ -91,38 +100,78 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """Map a single-channel wide-range array to uint8, guessing the range from the mode."""
-    values = values.astype(np.float64)
+    """Map a single-channel wide-range array to uint8, guessing the range from the mode.
+
+    In place where it can: a 179-megapixel 16-bit scan must not need 8 bytes per pixel.
+    """
     low, high = float(values.min()), float(values.max())
     if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
-        scaled = values / 257.0  # 16-bit data: 65535 -> 255
-    elif mode == "F" and low >= 0 and high <= 1:
-        scaled = values * 255.0
-    elif mode == "F" and low >= 0 and high <= 255:
-        scaled = values
-    else:  # an unknown range: stretch what is there
-        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        # 16-bit data: round(value / 257), 65535 -> 255; exact in integers (no value of
+        # 0..65535 is half-way between two multiples of 257).
+        scaled = values.astype(np.int32)
+        scaled += 128
+        scaled //= 257
+        return scaled.astype(np.uint8)
+    scaled = values.astype(np.float64)
+    if mode == "F" and low >= 0 and high <= 1:
+        scaled *= 255.0
+    elif not (mode == "F" and low >= 0 and high <= 255):  # an unknown range: stretch it
+        scaled -= low
+        scaled *= 255.0 / max(high - low, 1e-12)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+class _MemoryBudget:
+    """Bytes that threads reserve before decoding and give back after: a reservation waits
+    until it fits, except the first, so an image larger than the whole budget runs alone."""
+
+    def __init__(self) -> None:
+        self._in_use = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._in_use == 0
+                                   or self._in_use + nbytes <= DECODE_MEMORY)
+            self._in_use += nbytes
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._in_use -= nbytes
+                self._changed.notify_all()
+
+
+_DECODING = _MemoryBudget()
 
 
 def _decode(path: Path, quick: bool, data: bytes | None = None,
             max_pixels: int | None = None) -> Image.Image:
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path if data is None else io.BytesIO(data)) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:  # header only
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageLoadError(path, f"too large ({width}x{height} pixels)")
+                raise ImageLoadError(path, _too_large(f"{width}x{height} pixels"))
             if quick and image.format == "JPEG":
                 image.draft(None, (1, 1))
-            image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            need = image.width * image.height * _PEAK_BYTES_PER_PIXEL
+            # Small images skip the lock (a few microseconds that would show on 28x28 ones);
+            # what they hold uncounted, at most 1/256 of the budget per thread, stays small.
+            with _DECODING.reserve(need) if need * 256 > DECODE_MEMORY else nullcontext():
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, "too large") from error
+        raise ImageLoadError(path, _too_large("its header's size")) from error
     except UnidentifiedImageError as error:
         raise ImageLoadError(path, "not an image") from error
+    except MemoryError as error:
+        raise ImageLoadError(path, "out of memory while decoding it") from error
     except OSError as error:
         if error.errno is not None:  # the file system, not the image data
             raise ImageLoadError(path, f"unreadable: {error.strerror}") from error
@@ -130,6 +179,10 @@ def _decode(path: Path, quick: bool, data: bytes | None = None,
         raise ImageLoadError(path, reason) from error
     except Exception as error:  # Pillow's plugins raise many types on malformed data
         raise ImageLoadError(path, _corrupt(error)) from error
+
+
+def _too_large(size: str) -> str:
+    return f"too large: {size}, over the {MAX_PIXELS:,}-pixel limit against decompression bombs"
 
 
 def _corrupt(error: Exception) -> str:

@@ -280,7 +280,10 @@ class TrainTransform:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Resize so the image covers size / crop_pct (keeping its shape), centre crop, normalise."""
+    """Resize so the image covers size / crop_pct (keeping its shape), centre crop, normalise.
+
+    Memory stays bounded by the crop size whatever the image's shape (see _MAX_COVER_AREA).
+    """
 
     size: tuple[int, int]  # (height, width)
     mean: tuple[float, ...]
@@ -291,9 +294,19 @@ class EvalTransform:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = _in_mode(image, len(self.mean))
         resized, box = self.geometry(image.width, image.height)
-        if resized != image.size:
-            image = image.resize(resized, self.resample)
-        return to_tensor_normalized(image.crop(box), self.mean, self.std)
+        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+        if resized[0] * resized[1] > _MAX_COVER_AREA * crop_w * crop_h:
+            # An extreme shape: a 1x50000 strip would be resized to 256x12,800,000 pixels
+            # (10 GB) to keep 224x224 of them. Resize only the source box the crop keeps:
+            # the same crop, up to rounding, at the cost of the crop alone.
+            sx, sy = image.width / resized[0], image.height / resized[1]
+            source = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+            image = image.resize((crop_w, crop_h), self.resample, box=source)
+        else:
+            if resized != image.size:
+                image = image.resize(resized, self.resample)
+            image = image.crop(box)
+        return to_tensor_normalized(image, self.mean, self.std)
 
     def geometry(self, width: int, height: int
                  ) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -305,6 +318,11 @@ class EvalTransform:
         left = round((resized[0] - crop_w) / 2.0)
         top = round((resized[1] - crop_h) / 2.0)
         return resized, (left, top, left + crop_w, top + crop_h)
+
+
+# The resized image may hold this many times the crop's pixels (aspect ratios up to ~14:1 at
+# crop_pct 0.875) before only the cropped part is resized.
+_MAX_COVER_AREA = 16
 
 
 def _cover_size(

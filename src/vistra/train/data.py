@@ -73,8 +73,8 @@ class SeededDataset(Dataset):
 
 
 def train_transform(model: nn.Module, cfg: TrainConfig) -> Transform:
-    """SPEC §3: RandomResizedCrop + flip (+ RandAugment) + the model's normalisation
-    (+ random erasing)."""
+    """RandomResizedCrop + flip (+ RandAugment) + the model's normalisation (+ random
+    erasing), the fine-tuning augmentation of timm and of the Swin paper's recipes."""
     dc = model.data_config
     randaugment = (cfg.randaugment_ops, cfg.randaugment_magnitude) if cfg.randaugment_ops else None
     transform = build_train_transform(dc.img_size, dc.mean, dc.std, scale=cfg.scale,

@@ -8,6 +8,7 @@ run code: pickles go through `torch.load(weights_only=True)`, .npz through
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -15,6 +16,7 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -55,7 +57,8 @@ _CONFIG_CLASSES = [(_ConfigRecord, name) for name in ("yacs.config.CfgNode", "ar
 
 
 def read_weights(path: str | os.PathLike) -> RawWeights:
-    """Tensors of a weights file or HuggingFace directory; clear errors for anything else."""
+    """Tensors of a weights file or HuggingFace directory; clear errors for anything else,
+    including weights holding NaN or infinity."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"weights {path} do not exist")
@@ -66,15 +69,33 @@ def read_weights(path: str | os.PathLike) -> RawWeights:
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
-        return _read_zip(path)
-    if _looks_like_safetensors(head):
-        return _read_safetensors(path)
-    if head[:1] == b"\x80":  # pickle protocol 2+: PyTorch's legacy format
-        return _read_torch(path)
-    raise ValueError(
-        f"{path} is not a weights file vistra can read: expected safetensors, a PyTorch "
-        f".pth/.bin (zip or pickle) or a NumPy .npz, but it starts with bytes {head!r}"
-    )
+        weights = _read_zip(path)
+    elif _looks_like_safetensors(head):
+        weights = _read_safetensors(path)
+    elif head[:1] == b"\x80":  # pickle protocol 2+: PyTorch's legacy format
+        weights = _read_torch(path)
+    else:
+        raise ValueError(
+            f"{path} is not a weights file vistra can read: expected safetensors, a PyTorch "
+            f".pth/.bin (zip or pickle) or a NumPy .npz, but it starts with bytes {head!r}"
+        )
+    check_finite(weights.tensors, path)
+    return weights
+
+
+def check_finite(tensors: Tensors, origin: str | os.PathLike) -> None:
+    """Refuse weights holding NaN or infinity, naming the first such tensor: they would
+    make every prediction NaN (or silently wrong) instead of failing here, at the cause."""
+    for name, tensor in tensors.items():
+        # A sum is one cheap pass and is non-finite whenever an element is; only then (or on
+        # an overflow of a half-precision sum) is each element looked at.
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(
+                    f"{origin}: tensor {name} holds {bad} NaN or infinite values of "
+                    f"{tensor.numel()}; the weights are damaged (a diverged run or a corrupt "
+                    f"copy): use an earlier checkpoint or download the file again")
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -178,6 +199,7 @@ def _read_safetensors(path: Path) -> RawWeights:
 
 def _read_npz(path: Path) -> RawWeights:
     """Flax parameters flattened to '/'-joined names (Google's ViT releases)."""
+    _check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as arrays:
             tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k])) for k in arrays.files}
@@ -190,6 +212,54 @@ def _read_npz(path: Path) -> RawWeights:
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise _corrupt(path, err) from err
     return RawWeights(tensors, "NumPy .npz")
+
+
+# A deflated member may expand this many times (a real .npz of weights barely compresses; a
+# zip bomb of zeros expands ~1000 times), or to this many bytes whatever the file's size.
+_NPZ_MAX_EXPANSION = 100
+_NPZ_EXPANSION_ALLOWANCE = 256 << 20
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _check_npz_sizes(path: Path) -> None:
+    """Hold each array's declared size to what the archive really holds, before numpy
+    allocates it: a .npy header of a few bytes can declare terabytes, and numpy allocates
+    the whole array before reading a member of a zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            expanded = sum(member.file_size for member in members)
+            limit = max(_NPZ_MAX_EXPANSION * path.stat().st_size, _NPZ_EXPANSION_ALLOWANCE)
+            if expanded > limit:
+                raise ValueError(f"{path} was refused: its {path.stat().st_size:,} bytes would "
+                                 f"expand to {expanded:,}, as a zip bomb does, not weights")
+            for member in members:
+                with archive.open(member) as f:
+                    shape, dtype = _npy_header(f, path, member.filename)
+                    declared, held = math.prod(shape) * dtype.itemsize, member.file_size - f.tell()
+                    if not dtype.hasobject and declared > held:
+                        raise ValueError(
+                            f"{path} was refused: {member.filename} declares a {shape} "
+                            f"{dtype} array ({declared:,} bytes) but holds {held:,} bytes; "
+                            f"the file is corrupt")
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise _corrupt(path, err) from err
+
+
+def _npy_header(f: IO[bytes], path: Path, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy member declares, read from its header alone."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = _NPY_HEADER_READERS.get(version)
+        if read_header is not None:
+            shape, _, dtype = read_header(f)
+    except ValueError as err:
+        raise _corrupt(path, err) from err
+    if read_header is None:
+        raise ValueError(f"{path}: {name} is in .npy format {version}, which vistra does not "
+                         f"read; re-save the arrays with numpy.savez")
+    return shape, dtype
 
 
 def _read_hf_directory(path: Path) -> RawWeights:

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from vistra.models import DataConfig, build_model
+
+from .read import check_finite
 
 FORMAT = "vistra/1"
 
@@ -44,8 +49,6 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
 
 def read_metadata(path: str | os.PathLike) -> dict | None:
     """The decoded vistra metadata of a .safetensors file, or None if it is not a vistra file."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -67,23 +70,118 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild the model a vistra checkpoint describes and load its weights.
 
     The model gets `.classes` (list of names or None) besides `.name`, `.arch`, `.data_config`.
+    The file is not trusted: building the model its metadata declares may not allocate
+    more than the file's weights (each allocation is checked before it is made), and no
+    weight may be NaN or infinite.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         meta = read_metadata(path)
+        shapes = _stored_shapes(path)
+        if meta is not None:
+            arch = {k: _tuples(v) for k, v in meta["arch"].items()}
+            data = DataConfig(**{k: _tuples(v) for k, v in meta["data_config"].items()})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable .safetensors file ({err})") from err
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # JSON of the wrong shape
+        raise ValueError(f"{path} has damaged vistra metadata ({type(err).__name__}: {err}); "
+                         f"use another copy of the checkpoint") from err
     if meta is None:
         raise ValueError(
             f"{path} has no vistra metadata; load third-party weights with "
             f"vistra.create_model(NAME, pretrained='{path}') or convert them with `vistra convert`"
         )
-    arch = {k: _tuples(v) for k, v in meta["arch"].items()}
-    model = build_model(meta["model_name"], **arch)
-    data = {k: _tuples(v) for k, v in meta["data_config"].items()}
-    model.data_config = DataConfig(**data)
-    model.load_state_dict(load_file(str(path), device=str(device)))
+    _check_declared_numbers(path, arch, data, shapes)
+    weights = sum(math.prod(shape) for shape in shapes.values()) * 4  # built as float32
+    try:
+        with _AllocationBudget(weights + _BUILD_ALLOWANCE, lambda what: _refusal(path, what)):
+            model = build_model(meta["model_name"], **arch)
+    except (TypeError, RuntimeError, OverflowError) as err:
+        raise _refusal(path, f"a model vistra cannot build ({err})") from err
+    declared = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    if declared != shapes:
+        key = next(k for k in sorted(declared.keys() | shapes.keys())
+                   if declared.get(k) != shapes.get(k))
+        raise _refusal(path, f"{meta['model_name']} with tensor {key} of shape "
+                             f"{declared.get(key, 'none')}, but the file holds "
+                             f"{shapes.get(key, 'none')}")
+    model.data_config = data
+    state = load_file(str(path), device=str(device))
+    check_finite(state, path)
+    model.load_state_dict(state)
     model.classes = meta["classes"]
     return model.to(device)
+
+
+# Larger inputs than this per side are no image classifier's: a crop of that size alone
+# would take gigabytes per image.
+MAX_IMAGE_SIDE = 8192
+# Swin's relative position index takes M^4 entries per block, computed, not stored: a window
+# of 200 would take 12.8 GB in each. Published models use 7 to 24.
+MAX_WINDOW = 32
+# Building may allocate this much beyond the file's weights (as float32): buffers computed
+# at construction.
+_BUILD_ALLOWANCE = 64 << 20
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the safetensors header alone."""
+    with safe_open(str(path), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _refusal(path: Path, what: str) -> ValueError:
+    return ValueError(f"{path} was refused: its metadata declares {what}; the file is corrupt "
+                      f"or was edited, use another copy of the checkpoint")
+
+
+def _check_declared_numbers(path: Path, arch: dict, data: DataConfig,
+                            shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse declared numbers that would cost time or memory no file of this size can
+    justify, before the model is built: layers (each has weights in the file), input size
+    and window (their cost is computed, not stored)."""
+    layers = sum(sum(_ints(arch.get(key))) for key in ("depth", "depths", "hybrid_depths"))
+    layers += len(arch.get("conv_stem") or ())
+    if layers > len(shapes):
+        raise _refusal(path, f"{layers} layers, but the file holds {len(shapes)} tensors")
+    side = max([*_ints(arch.get("img_size")), *_ints(data.img_size)], default=0)
+    if side > MAX_IMAGE_SIDE:
+        raise _refusal(path, f"an input size of {side} pixels, over the {MAX_IMAGE_SIDE} limit")
+    window = max(_ints(arch.get("window_size")), default=0)
+    if window > MAX_WINDOW:
+        raise _refusal(path, f"a window of {window}, over the {MAX_WINDOW} limit")
+
+
+class _AllocationBudget(TorchFunctionMode):
+    """While active, a tensor constructor that would take what was built past `budget`
+    bytes is refused before it allocates: a few bytes of metadata can declare an embedding
+    of a million channels, which built would take terabytes."""
+
+    _SIZED = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand,
+                        torch.randn})
+
+    def __init__(self, budget: int, refuse: Callable[[str], ValueError]) -> None:
+        super().__init__()
+        self.budget, self.used, self.refuse = budget, 0, refuse
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SIZED:
+            size = kwargs.get("size", args[0] if args and not isinstance(args[0], int) else args)
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.used += math.prod(size) * dtype.itemsize
+            if self.used > self.budget:
+                raise self.refuse(f"a model of more than {self.budget:,} bytes, more than "
+                                  f"the file's weights")
+        return func(*args, **kwargs)
+
+
+def _ints(value: object) -> list[int]:
+    """The integers of a config value: an int, a tuple of them, or None."""
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [v for v in value if isinstance(v, int)]
+    return []

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import fields
 
-from vistra.models import get_spec, list_models
+from vistra.models import get_family, get_spec, list_models
 
 from .keymap import Tensors
 
@@ -81,7 +81,8 @@ def likely_models(facts: dict) -> tuple[list[str], list[str]]:
     scored = []
     for name in list_models():
         spec = get_spec(name)
-        if spec.family != facts["family"] or spec.arch.embed_dim != facts["embed_dim"]:
+        if spec.family != facts["family"] or getattr(spec.arch, "embed_dim", None) != \
+                facts["embed_dim"]:
             continue
         arch = {f.name: getattr(spec.arch, f.name) for f in fields(spec.arch)}
         arch["img_size"] = spec.data.img_size
@@ -103,4 +104,4 @@ def describe_facts(facts: dict) -> str:
         if isinstance(value, tuple):
             value = ("x" if key == "img_size" else "-").join(map(str, value))
         parts.append(f"{key} {value}")
-    return f"a {'Swin' if facts['family'] == 'swin' else 'ViT'} with " + ", ".join(parts)
+    return f"a {get_family(facts['family']).label} with " + ", ".join(parts)

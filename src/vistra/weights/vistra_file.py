@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vistra.models import DataConfig, build_model
+from vistra.models import DataConfig, build_from_arch
 
 FORMAT = "vistra/1"
 
@@ -29,14 +29,17 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
                     classes: list[str] | None = None, extra: dict | None = None) -> None:
-    """Weights and the metadata to rebuild `model` (built by `vistra.create_model`)."""
+    """Weights and the metadata to rebuild `model`, any vistra model (its card says what it
+    is). `classes` None keeps the card's class names."""
+    card = model.card
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
-        "model_name": model.name,
-        "arch": json.dumps(dataclasses.asdict(model.arch)),
-        "data_config": json.dumps(model.data_config.to_dict()),
-        "classes": json.dumps(classes),
+        "model_name": card.name,
+        "family": card.family,
+        "arch": json.dumps(dataclasses.asdict(card.arch)),
+        "data_config": json.dumps(card.data_config.to_dict()),
+        "classes": json.dumps(classes if classes is not None else card.classes),
         "extra": json.dumps(extra or {}),
     }
     _atomic_save(state, Path(path), metadata)
@@ -56,6 +59,7 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
         "data_config": json.loads(meta["data_config"]),
         "classes": json.loads(meta["classes"]),
         "extra": json.loads(meta.get("extra", "{}")),
+        "family": meta.get("family"),  # absent in files of vistra before families
     }
 
 
@@ -81,7 +85,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             f"vistra.create_model(NAME, pretrained='{path}') or convert them with `vistra convert`"
         )
     arch = {k: _tuples(v) for k, v in meta["arch"].items()}
-    model = build_model(meta["model_name"], **arch)
+    model = build_from_arch(meta["model_name"], arch, meta["family"])
     data = {k: _tuples(v) for k, v in meta["data_config"].items()}
     model.data_config = DataConfig(**data)
     model.load_state_dict(load_file(str(path), device=str(device)))

@@ -78,6 +78,7 @@ class VistraModel(nn.Module):
     family: ClassVar[str]
     head_modules: ClassVar[tuple[str, ...]] = ("head",)
     no_weight_decay_names: ClassVar[tuple[str, ...]] = ()
+    default_out_indices: ClassVar[int | tuple[int, ...] | None] = None  # features_only: all
 
     name = _card_field("name")
     arch = _card_field("arch")
@@ -149,15 +150,18 @@ def check_output_fmt(output_fmt: str) -> None:
 
 class FeatureExtractor(nn.Module):
     """A backbone for detection or segmentation (`create_model(..., features_only=True)`):
-    returns the feature maps at `out_indices` as a list, [B, C, H, W] (or [B, H, W, C] with
-    output_fmt "NHWC"). `feature_info` gives each map's channels and reduction."""
+    returns the feature maps at `out_indices` (None: the model's default, as timm's) as a
+    list, [B, C, H, W] (or [B, H, W, C] with output_fmt "NHWC"). `feature_info` gives each
+    map's channels and reduction."""
 
-    def __init__(self, model: VistraModel, out_indices: int | Sequence[int],
+    def __init__(self, model: VistraModel, out_indices: int | Sequence[int] | None = None,
                  output_fmt: str = "NCHW") -> None:
         super().__init__()
         check_output_fmt(output_fmt)
         model.reset_classifier(0)
         self.model = model
+        if out_indices is None:
+            out_indices = model.default_out_indices
         self.out_indices = feature_take_indices(len(model.feature_info), out_indices)
         self.output_fmt = output_fmt
         self.feature_info = [model.feature_info[i] for i in self.out_indices]

@@ -148,6 +148,7 @@ class VisionTransformer(VistraModel):
     family = "vit"
     head_modules = ("head", "head_dist", "pre_logits")
     no_weight_decay_names = ("cls_token", "dist_token", "pos_embed")
+    default_out_indices = 3  # features_only: the last three blocks, as timm
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__(cfg)

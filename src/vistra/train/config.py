@@ -85,6 +85,9 @@ class TrainConfig:
     ema: bool = _opt(False, "keep an exponential moving average of the weights")
     ema_decay: float = _opt(0.999, "EMA decay per step")
     bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
+    grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward "
+                                           "pass instead of keeping them: less memory for about "
+                                           "one more forward pass of compute")
     # --- run ---
     seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "

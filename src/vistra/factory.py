@@ -8,7 +8,7 @@ from os import PathLike
 
 from torch import nn
 
-from .models import FeatureExtractor, build_model, list_models
+from .models import FeatureExtractor, build_model
 
 
 def create_model(name: str, *, pretrained: bool | str | PathLike | None = None,
@@ -46,10 +46,10 @@ def create_model(name: str, *, pretrained: bool | str | PathLike | None = None,
     if pretrained is None:
         model = build_model(name, num_classes=num_classes, img_size=img_size, **overrides)
     else:
-        from .weights.load import apply_pretrained, read_pretrained
+        from .weights.load import apply_pretrained, model_name_for, read_pretrained
 
         weights = read_pretrained(pretrained, name)
-        name = split_tag(name)[0] if name is not None else _model_for(weights)
+        name = split_tag(name)[0] if name is not None else model_name_for(weights)
         if num_classes is None and weights.num_classes:
             num_classes = weights.num_classes
         model = build_model(name, num_classes=num_classes, img_size=img_size, **overrides)
@@ -58,18 +58,3 @@ def create_model(name: str, *, pretrained: bool | str | PathLike | None = None,
         return FeatureExtractor(model, out_indices, output_fmt)
     return model
 
-
-def _model_for(weights) -> str:
-    """The registered model that weights named by a HuggingFace repository are for: the
-    architecture of a timm config.json, else the registered model their shapes match."""
-    from .weights.identify import architecture_facts, describe_facts, likely_models
-
-    if weights.model_name in list_models():
-        return weights.model_name
-    facts = architecture_facts(weights.state)
-    names, differ = likely_models(facts) if facts else ([], [])
-    if names and not differ:
-        return names[0]
-    found = f"they hold {describe_facts(facts)}" if facts else "their layout is unknown"
-    raise ValueError(f"no registered model fits the weights of {weights.origin} ({found}); "
-                     f"pass a model name: vistra.create_model(NAME, pretrained=...)")

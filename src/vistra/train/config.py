@@ -35,7 +35,9 @@ class TrainConfig:
     model: str | None = _opt(None, "registered model name, e.g. vit_base_patch16_224 "
                                    "(see `vistra models`)", metavar="NAME")
     weights: str | None = _opt(None, "checkpoint file to start from (timm, official Swin, "
-                                     "Google .npz, torchvision, HuggingFace or vistra)",
+                                     "Google .npz, torchvision, HuggingFace or vistra), or "
+                                     "a name in the local HuggingFace cache: a timm tag of "
+                                     "the model, hf-hub:ORG/NAME or ORG/NAME",
                                metavar="FILE")
     output: str | None = _opt(None, "run directory (default: runs/<model>-<date>-<time>)",
                               metavar="RUN_DIR")

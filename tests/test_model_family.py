@@ -93,7 +93,7 @@ def test_listed_and_counted_by_running_it(toy, capsys):
     assert main(["models", "toy*", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row == {"name": "toy_tiny", "params": TOY_PARAMS, "macs": TOY_MACS,
-                   "img_size": [32, 32], "num_classes": 7}
+                   "img_size": [32, 32], "num_classes": 7, "pretrained": None}
     assert main(["flops", toy, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["macs"] == TOY_MACS and report["stages"] == []

@@ -109,13 +109,21 @@ def hub_repo(pretrained: str | os.PathLike | bool, model_name: str | None = None
     return None
 
 
+def default_repo(name: str) -> str | None:
+    """The HuggingFace repository of `name`'s default weights (pretrained=True), if any."""
+    timm_name, tag = TIMM_ALIASES.get(name, (name, None))
+    tag = tag or DEFAULT_TAGS.get(timm_name)
+    return f"timm/{timm_name}.{tag}" if tag else None
+
+
 def _timm_repo(name: str, tag: str | None) -> str:
-    timm_name, alias_tag = TIMM_ALIASES.get(name, (name, None))
-    tag = tag or alias_tag or DEFAULT_TAGS.get(timm_name)
-    if tag is None:
+    if tag is not None:
+        return f"timm/{TIMM_ALIASES.get(name, (name, None))[0]}.{tag}"
+    repo = default_repo(name)
+    if repo is None:
         raise ValueError(f"{name} has no default pretrained weights; name them with a tag "
                          f"(e.g. {name}.orig_in21k), a HuggingFace id or a file")
-    return f"timm/{timm_name}.{tag}"
+    return repo
 
 
 def cache_dir() -> Path:

@@ -37,6 +37,7 @@ class Pretrained:
     notes: list[str] = field(default_factory=list)
     classes: list[str] | None = None  # the head's class names, when the source has them
     model_name: str | None = None  # the architecture a timm config.json names
+    model_type: str | None = None  # transformers' model_type: "vit", "deit", "swin"
     data: dict = field(default_factory=dict)  # DataConfig fields the source prescribes
 
     @property
@@ -96,6 +97,7 @@ def read_pretrained(source: str | os.PathLike | bool,
             pretrained.notes.append("no class names in the source: ImageNet-1k's assumed for "
                                     "its 1000-class head")
     pretrained.model_name = config.get("architecture")
+    pretrained.model_type = config.get("model_type")
     pretrained.data = _data_config(config, _read_json(path / "preprocessor_config.json")
                                    if path.is_dir() else {})
     return pretrained
@@ -108,8 +110,9 @@ def model_name_for(pretrained: Pretrained) -> str:
         return pretrained.model_name
     facts = architecture_facts(pretrained.state)
     names, differ = likely_models(facts) if facts else ([], [])
-    if names and not differ:
-        return names[0]
+    if names and not differ:  # ties (ViT-B and DeiT-B): the one transformers' config names
+        typed = [n for n in names if n.startswith(f"{pretrained.model_type}_")]
+        return (typed or names)[0]
     found = f"they hold {describe_facts(facts)}" if facts else "their layout is unknown"
     raise ValueError(f"no registered model fits the weights of {pretrained.origin} ({found}); "
                      f"name the model (vistra.create_model(NAME, pretrained=...), "

@@ -4,8 +4,7 @@
 The ImageNet-1k names (vistra/assets/imagenet_1k_classes.txt, index 0 "tench") are the list
 pytorch/hub publishes as imagenet_classes.txt, in the class order of every ImageNet-1k
 checkpoint (timm, torchvision, HuggingFace, Google, the Swin authors). The 21k names are not
-shipped (21,843 WordNet synsets); timm lists the synset ids in
-timm/data/_info/imagenet21k_goog_synsets.txt and their names in imagenet_synset_to_lemma.txt.
+shipped (740 kB; docs/models.md says how to make the file for `vistra convert --classes`).
 """
 
 from __future__ import annotations

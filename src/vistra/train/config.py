@@ -88,8 +88,9 @@ class TrainConfig:
     ema_decay: float = _opt(0.999, "EMA decay per step")
     bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward "
-                                           "pass instead of keeping them: less memory for about "
-                                           "one more forward pass of compute")
+                                           "pass instead of keeping them: a ViT-S/16 step at "
+                                           "batch 8 peaks at 125 instead of 458 MiB (-73%) and "
+                                           "takes 31% longer (benchmarks/grad_checkpointing.py)")
     # --- run ---
     seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "

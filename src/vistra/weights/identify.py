@@ -81,8 +81,7 @@ def likely_models(facts: dict) -> tuple[list[str], list[str]]:
     scored = []
     for name in list_models():
         spec = get_spec(name)
-        if spec.family != facts["family"] or getattr(spec.arch, "embed_dim", None) != \
-                facts["embed_dim"]:
+        if spec.family != facts["family"] or spec.arch.embed_dim != facts["embed_dim"]:
             continue
         arch = {f.name: getattr(spec.arch, f.name) for f in fields(spec.arch)}
         arch["img_size"] = spec.data.img_size

@@ -137,11 +137,12 @@ def test_every_name_form_loads_the_timm_repo(hub, saved, name, pretrained):
 def test_timm_repo_with_a_pickle_and_transformers_repo_load(hub, saved):
     deit = vistra.create_model("deit_tiny_patch16_224", pretrained=True)
     assert_holds(deit, saved["deit"])
-    for model in (vistra.create_model(HF_REPO),
+    by_shape = vistra.create_model(HF_REPO)
+    assert by_shape.name == "vit_tiny_patch16_224"  # transformers' model_type, not DeiT-Ti
+    for model in (by_shape,
                   vistra.create_model("vit_tiny_patch16_224", pretrained=f"hf-hub:{HF_REPO}")):
         assert_holds(model, saved["pets"])
         assert model.classes == PETS and model.arch.num_classes == 3
-    assert vistra.create_model(HF_REPO).name == "vit_tiny_patch16_224"  # not the DeiT twin
 
 
 def test_a_name_not_in_the_cache_says_where_and_how_at_once(hub):

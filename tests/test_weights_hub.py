@@ -189,3 +189,12 @@ def test_training_starts_from_a_cached_name(hub, saved):
     model = _build_model(cfg, 5, cfg.weights)
     assert model.arch.num_classes == 5 and model.classes is None
     assert_holds(model, {k: v for k, v in saved["vit"].items() if not k.startswith("head.")})
+
+
+def test_a_checkpoint_without_names_for_1000_classes_loads_imagenets(tmp_path):
+    from vistra.weights import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(vistra.create_model("vit_tiny_patch16_224", depth=1), path)
+    assert read_metadata(path)["classes"] is None
+    assert load_checkpoint(path).classes[0] == "tench"

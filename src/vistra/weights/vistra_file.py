@@ -16,6 +16,8 @@ from torch import nn
 
 from vistra.models import DataConfig, build_from_arch
 
+from .labels import default_classes
+
 FORMAT = "vistra/1"
 
 
@@ -89,5 +91,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     data = {k: _tuples(v) for k, v in meta["data_config"].items()}
     model.data_config = DataConfig(**data)
     model.load_state_dict(load_file(str(path), device=str(device)))
-    model.classes = meta["classes"]
+    # Files converted before class names travelled with weights: a 1000-class head is
+    # ImageNet-1k's.
+    model.classes = meta["classes"] or default_classes(model.arch.num_classes)
     return model.to(device)

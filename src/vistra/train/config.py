@@ -89,8 +89,8 @@ class TrainConfig:
     bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward "
                                            "pass instead of keeping them: a ViT-S/16 step at "
-                                           "batch 8 peaks at 125 instead of 458 MiB (-73%) and "
-                                           "takes 31% longer (benchmarks/grad_checkpointing.py)")
+                                           "batch 8 peaks at 125 instead of 458 MiB and takes "
+                                           "a third longer (benchmarks/grad_checkpointing.py)")
     # --- run ---
     seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "

@@ -4,8 +4,9 @@
 # name holds it with the rest: `from vistra.explain import overlay, Explanation, METHODS`.
 from .explain import explain
 from .factory import create_model
-from .models import DataConfig, capture_attention, list_models
+from .models import DataConfig, ModelCard, capture_attention, list_models
 
 __version__ = "0.1.0"
-__all__ = ["DataConfig", "capture_attention", "create_model", "explain", "list_models",
+__all__ = ["DataConfig", "ModelCard", "capture_attention", "create_model", "explain",
+           "list_models",
            "__version__"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vistra.models import get_spec
+from vistra.models import get_family, get_spec
 from vistra.models.swin import WindowAttention, window_partition, window_reverse
 from vistra.models.vit import Attention
 
@@ -91,7 +91,7 @@ def plot_attention_scaling(name: str, path: str | Path, sizes: tuple[int, ...] =
 
     points = attention_scaling(name, sizes, repeats, time_layers)
     s = _first_stage(name, sizes[0])
-    what_if = " (what-if)" if get_spec(name).family == "vit" else ""
+    what_if = "" if get_family(get_spec(name).arch).windowed else " (what-if)"
     x = [p.img_size for p in points]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     left.plot(x, [p.msa_macs / 1e9 for p in points], "o-", color="C3",

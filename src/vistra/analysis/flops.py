@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vistra.models import SwinConfig, ViTConfig, build_model, get_spec
-from vistra.models.vit import to_2tuple
+from vistra.models import ModelFamily, build_from_arch, build_model, get_family, get_spec
+from vistra.models.layers import to_2tuple
 
 from .complexity import KINDS, model_cost, stages, unmodelled_fields
 
@@ -69,14 +70,15 @@ class Measured:
         return sum(sum(kinds.values()) for kinds in self.macs.values())
 
 
-def _place(path: str) -> tuple[str, str]:
-    """(stage, kind) of the module at `path` (relative to the model) that ran an op."""
+def _place(path: str, family: ModelFamily) -> tuple[str, str]:
+    """(stage, kind) of the module at `path` (relative to the model) that ran an op; the
+    family names the stage."""
     parts = path.split(".")
     if parts[0] in ("head", "head_dist", "pre_logits", "norm", ""):
         return "head", "head"
     if parts[0] == "patch_embed":
         return "embed", "patch_embed"
-    stage = f"stage{int(parts[1]) + 1}" if parts[0] == "layers" else "blocks"
+    stage = family.flops_stage(path)
     if "downsample" in parts:
         kind = "merging"
     elif "attn" in parts:
@@ -92,6 +94,7 @@ def measure(model: nn.Module, img_size: tuple[int, int] | None = None) -> Measur
     """Count the built model's MACs for one image, by stage and kind."""
     img_size = img_size or model.data_config.img_size
     counter = _count(model, img_size, model.arch.in_chans)
+    family = get_family(model)
     root = type(model).__name__
     totals = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()
               if name == root or name.startswith(root + ".")}
@@ -102,16 +105,16 @@ def measure(model: nn.Module, img_size: tuple[int, int] | None = None) -> Measur
         children = sum(n for c, n in totals.items() if c.rpartition(".")[0] == name)
         own = total - children  # ops run by this module itself, not by a sub-module
         if path.endswith("blocks.0.attn"):
-            attention_layer[_place(path)[0]] = total
+            attention_layer[_place(path, family)[0]] = total
         if own:
-            stage, kind = _place(path)
+            stage, kind = _place(path, family)
             macs.setdefault(stage, {})
             macs[stage][kind] = macs[stage].get(kind, 0) + own
     params = sum(p.numel() for p in model.parameters())
     return Measured(params, macs, attention_layer)
 
 
-def params_and_macs(name: str, arch: ViTConfig | SwinConfig) -> tuple[int, int]:
+def params_and_macs(name: str, arch: Any) -> tuple[int, int]:
     """Parameters and MACs per image of model `name` built with `arch`: worked out from its
     numbers (instant), or counted on the meta device when the analytic count does not model
     the architecture."""
@@ -119,7 +122,8 @@ def params_and_macs(name: str, arch: ViTConfig | SwinConfig) -> tuple[int, int]:
         cost = model_cost(arch)
         return cost.params, cost.total_macs
     with torch.device("meta"):
-        measured = measure(build_model(name, **dataclasses.asdict(arch)))
+        model = build_from_arch(name, dataclasses.asdict(arch), get_family(arch).name)
+        measured = measure(model)
     return measured.params, measured.total_macs
 
 
@@ -148,15 +152,15 @@ def flops_report(name: str, img_size: int | tuple[int, int] | None = None) -> di
         model = build_model(name, img_size=img_size)
     measured = measure(model)
     by_kind = {kind: sum(k.get(kind, 0) for k in measured.macs.values()) for kind in KINDS}
-    is_vit = isinstance(model.arch, ViTConfig)
+    what_if = not get_family(model).windowed
     rows = []
     for s in stages(model.arch):
         rows.append({
             "name": s.name, "map": [s.h, s.w], "dim": s.dim, "heads": s.heads,
-            "depth": s.depth, "window": s.window, "window_is_what_if": is_vit,
-            "attention_tokens": s.tokens, "padded": not is_vit and s.tokens != s.h * s.w,
+            "depth": s.depth, "window": s.window, "window_is_what_if": what_if,
+            "attention_tokens": s.tokens, "padded": not what_if and s.tokens != s.h * s.w,
             "analytic_msa": s.analytic_msa, "analytic_wmsa": s.analytic_wmsa,
-            "measured_attention": measured.attention_layer[s.name],
+            "measured_attention": measured.attention_layer.get(s.name, 0),
         })
     return {
         "name": name,

@@ -1,11 +1,16 @@
-"""The models: ViT / DeiT / R50 hybrid and Swin, registered under timm's names."""
+"""The models: ViT / DeiT / R50 hybrid and Swin, registered under timm's names, each family
+declared once (family.py) and each model carrying its card (base.py)."""
 
+from .base import DataConfig, FeatureExtractor, ModelCard, VistraModel
+from .family import ModelFamily, families, get_family, register_family
 from .layers import capture_attention
-from .registry import DataConfig, ModelSpec, build_model, get_spec, list_models
+from .registry import ModelSpec, build_from_arch, build_model, get_spec, list_models, register
 from .swin import SwinConfig, SwinTransformer
-from .vit import VisionTransformer, ViTConfig
+from .vit import DistilledLogits, VisionTransformer, ViTConfig
 
 __all__ = [
-    "DataConfig", "ModelSpec", "SwinConfig", "SwinTransformer", "ViTConfig", "VisionTransformer",
-    "build_model", "capture_attention", "get_spec", "list_models",
+    "DataConfig", "DistilledLogits", "FeatureExtractor", "ModelCard", "ModelFamily", "ModelSpec",
+    "SwinConfig", "SwinTransformer", "ViTConfig", "VisionTransformer", "VistraModel",
+    "build_from_arch", "build_model", "capture_attention", "families", "get_family",
+    "get_spec", "list_models", "register", "register_family",
 ]

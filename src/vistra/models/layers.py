@@ -10,6 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def to_2tuple(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,7 +1,8 @@
 """Model names (timm's, so users bring what they know) -> architecture numbers + data config.
 
-Every variant is data: a config dataclass holding its numbers, and the preprocessing its
-weights expect. Nothing here builds anything until `build_model` is called.
+Every variant is data: a config dataclass of a registered family (models/family.py) holding
+its numbers, and the preprocessing its weights expect. Nothing here builds anything until
+`build_model` is called.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import dataclasses
 import difflib
 import fnmatch
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from torch import nn
+from .base import DataConfig, VistraModel
+from .family import get_family
+from .layers import to_2tuple
+from .swin import SwinConfig
+from .vit import ViTConfig
 
-from .swin import SwinConfig, SwinTransformer
-from .vit import VisionTransformer, ViTConfig, to_2tuple
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_MEAN = (0.5, 0.5, 0.5)  # Google's ViT weights map pixels to [-1, 1]
 INCEPTION_STD = (0.5, 0.5, 0.5)
 FASHION_MNIST_MEAN = (0.2860,) * 3  # of the 60,000 training images, grey level / 255
@@ -25,37 +26,24 @@ FASHION_MNIST_STD = (0.3530,) * 3
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """The preprocessing a model's weights expect: evaluation resizes to img_size / crop_pct,
-    centre-crops img_size, and normalises with mean/std."""
-
-    img_size: tuple[int, int] = (224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     name: str
-    arch: ViTConfig | SwinConfig
+    arch: Any  # the config dataclass of a registered family
     data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def family(self) -> str:
-        return "swin" if isinstance(self.arch, SwinConfig) else "vit"
+        return get_family(self.arch).name
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, arch: ViTConfig | SwinConfig, **data) -> None:
-    img = to_2tuple(arch.img_size)
-    _REGISTRY[name] = ModelSpec(name, arch, DataConfig(img_size=img, **data))
+def register(name: str, arch: Any, **data) -> None:
+    """Register variant `name`: `arch`, a config of a registered family; `data`, fields of
+    DataConfig where they differ from the family's (mean, std, crop_pct, ...)."""
+    defaults = replace(get_family(arch).data, img_size=to_2tuple(arch.img_size))
+    _REGISTRY[name] = ModelSpec(name, arch, replace(defaults, **data))
 
 
 def _register_defaults() -> None:
@@ -146,11 +134,11 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def build_model(name: str, *, num_classes: int | None = None,
-                img_size: int | tuple[int, int] | None = None, **overrides) -> nn.Module:
+                img_size: int | tuple[int, int] | None = None, **overrides) -> VistraModel:
     """A randomly initialised model. `overrides` replace fields of the architecture config
     (drop_path_rate, in_chans, window_size, dynamic_img_size, ...).
 
-    The returned model carries `.name`, `.arch` (its config) and `.data_config`."""
+    The returned model's card (`.card`; `.name`, `.arch`, `.data_config`) describes it."""
     spec = get_spec(name)
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -162,8 +150,24 @@ def build_model(name: str, *, num_classes: int | None = None,
         raise ValueError(f"{name} has no option {', '.join(unknown)}; options: "
                          f"{', '.join(sorted(fields))}")
     arch = replace(spec.arch, **overrides)
-    model = SwinTransformer(arch) if isinstance(arch, SwinConfig) else VisionTransformer(arch)
+    model = get_family(arch).build(arch)
     model.name = name
-    model.arch = arch
     model.data_config = replace(spec.data, img_size=to_2tuple(arch.img_size))
+    return model
+
+
+def build_from_arch(name: str, arch: dict, family: str | None = None) -> VistraModel:
+    """The model a saved card describes: `arch` as a dict of config fields, of `family`
+    (None: the registered `name`'s). A name that is not registered (a model built from its
+    class) is rebuilt from its family and config alone."""
+    if family is None or name in _REGISTRY:
+        return build_model(name, **arch)
+    fam = get_family(family)
+    try:
+        config = fam.config(**arch)
+    except TypeError as err:
+        raise ValueError(f"the saved architecture of {name} does not fit {fam.config.__name__} "
+                         f"({err})") from err
+    model = fam.build(config)
+    model.name = name
     return model

@@ -7,12 +7,14 @@ multiple of the window inside a block and cropped after, patch merging pads odd 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .base import VistraModel, check_output_fmt, checkpoint_seq, feature_take_indices
 from .layers import (
     AttentionRecorder,
     ConvStem,
@@ -24,8 +26,8 @@ from .layers import (
     check_image_batch,
     drop_path_rates,
     init_weights,
+    to_2tuple,
 )
-from .vit import to_2tuple
 
 MASK_VALUE = -100.0  # added to logits of token pairs from different regions, as the paper
 
@@ -273,17 +275,20 @@ class SwinStage(nn.Module):
             SwinBlock(dim, num_heads, window, 0 if i % 2 == 0 else shift, cfg, drop_paths[i])
             for i in range(depth)
         ])
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
-        return self.blocks(x)
+        return checkpoint_seq(self.blocks, x, self.grad_checkpointing)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(VistraModel):
+    family = "swin"
+    no_weight_decay_names = ("relative_position_bias_table",)
+
     def __init__(self, cfg: SwinConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.img_size = to_2tuple(cfg.img_size)
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim, cfg.conv_stem)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
@@ -315,10 +320,46 @@ class SwinTransformer(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features if isinstance(self.head, nn.Linear) else 0
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh head for `num_classes`; 0 makes the model return pooled features."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for `num_classes`; 0 makes the model return pooled features. The
+        pooling is the mean over the map (global_pool "avg")."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"Swin pools by averaging the map (global_pool='avg'), "
+                             f"got global_pool={global_pool!r}")
         self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         init_weights(self.head)
+        self._set_num_classes(num_classes)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Each stage's output map: channels, reduction, module."""
+        return [dict(num_chs=self.cfg.embed_dim * 2**i, reduction=self.cfg.patch_size * 2**i,
+                     module=f"layers.{i}") for i in range(len(self.layers))]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The output maps of the stages at `indices` (timm's convention: None all, n the last
+        n), [B, C_i, H/(4*2^i), W/(4*2^i)] (or NHWC); `norm` applies the final LayerNorm to
+        the last stage's map, as timm. Returns the maps, or with intermediates_only False
+        (normalised final map [B, h, w, C], maps) as timm."""
+        check_output_fmt(output_fmt)
+        take = feature_take_indices(len(self.layers), indices)
+        check_image_batch(x, self.cfg.in_chans)
+        x = self.pos_drop(self.patch_embed(x))
+        last = take[-1] if intermediates_only else len(self.layers) - 1
+        maps = []
+        for i, stage in enumerate(self.layers[:last + 1]):
+            x = stage(x)  # [B, H_i, W_i, C_i]
+            if i in take:
+                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                maps.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        return maps if intermediates_only else (self.norm(x), maps)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> normalised feature map [B, H/32, W/32, 8C] (sizes rounded up)."""

@@ -6,11 +6,14 @@ position embedding -> pre-norm encoder blocks -> LayerNorm -> class token -> hea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from .base import VistraModel, check_output_fmt, checkpoint_seq, feature_take_indices
 from .layers import (
     AttentionRecorder,
     ConvStem,
@@ -22,13 +25,10 @@ from .layers import (
     check_image_batch,
     drop_path_rates,
     init_weights,
+    to_2tuple,
 )
 from .resample import resample_pos_embed
 from .resnetv2 import ResNetV2
-
-
-def to_2tuple(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,22 @@ class PreLogits(nn.Module):
         return torch.tanh(self.fc(x))
 
 
-class VisionTransformer(nn.Module):
+class DistilledLogits(NamedTuple):
+    """A distilled DeiT's output in training: the class head's and the distillation head's
+    logits, each [B, classes] (in eval the model returns their mean, one tensor)."""
+
+    logits: torch.Tensor
+    logits_dist: torch.Tensor
+
+
+class VisionTransformer(VistraModel):
+    family = "vit"
+    head_modules = ("head", "head_dist", "pre_logits")
+    no_weight_decay_names = ("cls_token", "dist_token", "pos_embed")
+    default_out_indices = 3  # features_only: the last three blocks, as timm
+
     def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.img_size = to_2tuple(cfg.img_size)
         self.patch_embed = PatchEmbed(cfg)
         for side in self.img_size:
@@ -175,8 +187,16 @@ class VisionTransformer(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features if isinstance(self.head, nn.Linear) else 0
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh head (two for the distilled model) for `num_classes`; 0 gives features."""
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, nn.Module]:
+        """The head; for the distilled model (head, head_dist), as timm."""
+        return (self.head, self.head_dist) if self.cfg.distilled else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head (two for the distilled model) for `num_classes`; 0 gives features.
+        The class token is the only pooling (global_pool "token")."""
+        if global_pool not in (None, "token"):
+            raise ValueError(f"this ViT pools with its class token (global_pool='token'), "
+                             f"got global_pool={global_pool!r}")
         def make() -> nn.Module:
             if not num_classes:
                 return nn.Identity()
@@ -186,6 +206,7 @@ class VisionTransformer(nn.Module):
         self.head = make()
         if self.cfg.distilled:
             self.head_dist = make()
+        self._set_num_classes(num_classes)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos_embed = self.pos_embed
@@ -203,8 +224,8 @@ class VisionTransformer(nn.Module):
             tokens.append(self.dist_token.expand(x.shape[0], -1, -1))
         return self.pos_drop(torch.cat(tokens + [x], dim=1) + pos_embed)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> normalised tokens [B, prefix + N, D]."""
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, C, H, W] -> tokens with position embedding [B, prefix + N, D], and the grid."""
         check_image_batch(x, self.cfg.in_chans)
         r = self.patch_embed.reduction
         if x.shape[-2] % r or x.shape[-1] % r:
@@ -213,10 +234,41 @@ class VisionTransformer(nn.Module):
                 f"size {r}"
             )
         grid = (x.shape[-2] // r, x.shape[-1] // r)
-        x = self._pos_embed(self.patch_embed(x), grid)
-        return self.norm(self.blocks(x))
+        return self._pos_embed(self.patch_embed(x), grid), grid
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> normalised tokens [B, prefix + N, D]."""
+        x, _ = self._embed(x)
+        return self.norm(checkpoint_seq(self.blocks, x, self.grad_checkpointing))
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """Each block's output as a feature map: channels, reduction, module."""
+        return [dict(num_chs=self.cfg.embed_dim, reduction=self.patch_embed.reduction,
+                     module=f"blocks.{i}") for i in range(len(self.blocks))]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """The outputs of the blocks at `indices` (timm's convention: None all, n the last n)
+        as maps: prefix tokens removed, [B, D, H/p, W/p] (or [B, H/p, W/p, D] with "NHWC");
+        `norm` passes each through the final LayerNorm. Returns the maps, or with
+        intermediates_only False (final normalised tokens, maps) as timm."""
+        check_output_fmt(output_fmt)
+        take = feature_take_indices(len(self.blocks), indices)
+        x, (h, w) = self._embed(x)
+        last = take[-1] if intermediates_only else len(self.blocks) - 1
+        maps = []
+        for i, block in enumerate(self.blocks[:last + 1]):
+            x = block(x)
+            if i in take:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
+                y = y.reshape(y.shape[0], h, w, -1)  # [B, H/p, W/p, D]
+                maps.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        return maps if intermediates_only else (self.norm(x), maps)
+
+    def forward_head(self, x: torch.Tensor,
+                     pre_logits: bool = False) -> torch.Tensor | DistilledLogits:
         """Class token (and distillation token) -> logits. In training the distilled model
         returns both heads' logits; in eval their mean."""
         cls = x[:, 0]
@@ -229,8 +281,9 @@ class VisionTransformer(nn.Module):
             return (cls + dist) / 2
         logits, logits_dist = self.head(cls), self.head_dist(dist)
         if self.training:
-            return logits, logits_dist
+            return DistilledLogits(logits, logits_dist)
         return (logits + logits_dist) / 2
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> torch.Tensor | DistilledLogits:
+        """Logits [B, classes]; a distilled model in training: DistilledLogits."""
         return self.forward_head(self.forward_features(x))

@@ -146,6 +146,8 @@ def _build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None) -> 
         model.data_config = replace(model.data_config, crop_pct=cfg.crop_pct)
     if cfg.freeze_layers:
         freeze_all_but_head(model)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model
 
 

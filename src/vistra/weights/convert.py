@@ -7,27 +7,41 @@ from pathlib import Path
 
 from vistra.models import build_model
 
-from .load import LoadReport, apply_pretrained, read_pretrained
+from .hub import HF_PREFIX, split_tag
+from .load import LoadReport, apply_pretrained, model_name_for, read_pretrained
 from .vistra_file import save_checkpoint
 
 
-def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str, *,
-                       num_classes: int | None = None,
-                       img_size: int | tuple[int, int] | None = None) -> LoadReport:
-    """Load `src` into `model_name` and save it as a vistra .safetensors at `dst`, the model's
-    config in its metadata. num_classes None keeps the file's class count (0 if it has no
-    head); another count gives a fresh head. img_size None keeps the model's default."""
+def convert_checkpoint(src: str | os.PathLike | bool, dst: str | os.PathLike,
+                       model_name: str | None = None, *, num_classes: int | None = None,
+                       img_size: int | tuple[int, int] | None = None,
+                       classes: list[str] | None = None) -> LoadReport:
+    """Load `src` (a file, a directory or a HuggingFace name, see `read_pretrained`) into
+    `model_name` and save it as a vistra .safetensors at `dst`, the model's config in its
+    metadata. model_name None: the model a timm config names or the weights' shapes match.
+    num_classes None keeps the file's class count (0 if it has no head); another count gives
+    a fresh head. img_size None keeps the model's default. classes: names for the head's
+    outputs (default: those of the source, or ImageNet-1k's for a 1000-class head)."""
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise ValueError(f"output {dst} must end in .safetensors: vistra checkpoints are "
                          f"safetensors files; e.g. {dst.with_suffix('.safetensors')}")
-    if dst.exists() and dst.resolve() == Path(src).resolve():
+    if isinstance(src, (str, os.PathLike)) and dst.exists() and dst.resolve() == \
+            Path(src).resolve():
         raise ValueError(f"output {dst} is the input file; choose another output path")
-    pretrained = read_pretrained(src)
+    pretrained = read_pretrained(src, model_name)
     if num_classes is None:
         num_classes = pretrained.num_classes
-    model = build_model(model_name, num_classes=num_classes, img_size=img_size)
+    name = split_tag(model_name)[0] if model_name else model_name_for(pretrained)
+    model = build_model(name, num_classes=num_classes, img_size=img_size)
     report = apply_pretrained(model, pretrained)
-    save_checkpoint(model, dst, extra={"converted_from": Path(src).name,
+    if classes is not None:
+        if len(classes) != model.arch.num_classes:
+            raise ValueError(f"{len(classes)} class names given for a head of "
+                             f"{model.arch.num_classes} classes; give one name per class")
+        model.classes = list(classes)
+    origin = pretrained.origin
+    save_checkpoint(model, dst, extra={"converted_from": origin if origin.startswith(HF_PREFIX)
+                                       else Path(origin).name,
                                        "source_layout": report.layout})
     return report

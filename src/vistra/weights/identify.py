@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import fields
 
-from vistra.models import get_spec, list_models
+from vistra.models import get_family, get_spec, list_models
 
 from .keymap import Tensors
 
@@ -103,4 +103,4 @@ def describe_facts(facts: dict) -> str:
         if isinstance(value, tuple):
             value = ("x" if key == "img_size" else "-").join(map(str, value))
         parts.append(f"{key} {value}")
-    return f"a {'Swin' if facts['family'] == 'swin' else 'ViT'} with " + ", ".join(parts)
+    return f"a {get_family(facts['family']).label} with " + ", ".join(parts)

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from vistra.models import DataConfig, build_model
+from vistra.models import DataConfig, build_from_arch
 
+from .labels import default_classes
 from .read import check_finite
 
 FORMAT = "vistra/1"
@@ -34,14 +35,17 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
                     classes: list[str] | None = None, extra: dict | None = None) -> None:
-    """Weights and the metadata to rebuild `model` (built by `vistra.create_model`)."""
+    """Weights and the metadata to rebuild `model`, any vistra model (its card says what it
+    is). `classes` None keeps the card's class names."""
+    card = model.card
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
-        "model_name": model.name,
-        "arch": json.dumps(dataclasses.asdict(model.arch)),
-        "data_config": json.dumps(model.data_config.to_dict()),
-        "classes": json.dumps(classes),
+        "model_name": card.name,
+        "family": card.family,
+        "arch": json.dumps(dataclasses.asdict(card.arch)),
+        "data_config": json.dumps(card.data_config.to_dict()),
+        "classes": json.dumps(classes if classes is not None else card.classes),
         "extra": json.dumps(extra or {}),
     }
     _atomic_save(state, Path(path), metadata)
@@ -59,6 +63,7 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
         "data_config": json.loads(meta["data_config"]),
         "classes": json.loads(meta["classes"]),
         "extra": json.loads(meta.get("extra", "{}")),
+        "family": meta.get("family"),  # absent in files of vistra before families
     }
 
 
@@ -97,7 +102,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     weights = sum(math.prod(shape) for shape in shapes.values()) * 4  # built as float32
     try:
         with _AllocationBudget(weights + _BUILD_ALLOWANCE, lambda what: _refusal(path, what)):
-            model = build_model(meta["model_name"], **arch)
+            model = build_from_arch(meta["model_name"], arch, meta["family"])
     except (TypeError, RuntimeError, OverflowError) as err:
         raise _refusal(path, f"a model vistra cannot build ({err})") from err
     declared = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
@@ -111,7 +116,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     state = load_file(str(path), device=str(device))
     check_finite(state, path)
     model.load_state_dict(state)
-    model.classes = meta["classes"]
+    # Files converted before class names travelled with weights: a 1000-class head is
+    # ImageNet-1k's.
+    model.classes = meta["classes"] or default_classes(model.arch.num_classes)
     return model.to(device)
 
 

@@ -1,0 +1,150 @@
+"""A model family is one model class and one registration: a toy family defined here, known to
+no vistra module, is listed and counted by `vistra models` and `vistra flops`, builds, trains
+with the right optimizer groups and head freezing, and saves and loads as a checkpoint."""
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import vistra
+import vistra.models.family as family_module
+import vistra.models.registry as registry_module
+from vistra.analysis.complexity import model_cost, stages, unmodelled_fields
+from vistra.cli import main
+from vistra.models import (
+    ModelFamily,
+    SwinConfig,
+    SwinTransformer,
+    VisionTransformer,
+    VistraModel,
+    ViTConfig,
+    register,
+    register_family,
+)
+from vistra.models.layers import to_2tuple
+from vistra.train.params import freeze_all_but_head, param_groups
+from vistra.weights import load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    img_size: int = 32
+    in_chans: int = 3
+    num_classes: int = 7
+    patch_size: int = 8
+    embed_dim: int = 16
+    depth: int = 2
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class ToyNet(VistraModel):
+    """Patches -> MLP blocks -> mean token -> head, with a learned position embedding."""
+
+    family = "toy"
+    no_weight_decay_names = ("pos_embed",)
+
+    def __init__(self, cfg: ToyConfig) -> None:
+        super().__init__(cfg)
+        h, w = to_2tuple(cfg.img_size)  # an int, or a pair as build_model passes it
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size,
+                                     cfg.patch_size)
+        tokens = (h // cfg.patch_size) * (w // cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, cfg.embed_dim) * 0.02)
+        self.blocks = nn.Sequential(*[ToyBlock(cfg.embed_dim) for _ in range(cfg.depth)])
+        self.reset_classifier(cfg.num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.head = nn.Linear(self.cfg.embed_dim, num_classes) if num_classes else nn.Identity()
+        self._set_num_classes(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.head(self.blocks(x).mean(1))
+
+
+TOY_PARAMS = (3 * 8 * 8 * 16 + 16) + 16 * 16 + 2 * (2 * 16 + 16 * 32 + 32 + 32 * 16 + 16) \
+    + (16 * 7 + 7)
+TOY_MACS = 16 * (3 * 8 * 8 * 16) + 2 * 16 * (16 * 32 + 32 * 16) + 16 * 7  # 16 patches
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """The toy family and one variant, registered for this test only."""
+    monkeypatch.setattr(family_module, "_FAMILIES", dict(family_module._FAMILIES))
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    register_family(ModelFamily("toy", "Toy", ToyConfig, ToyNet))
+    register("toy_tiny", ToyConfig(), crop_pct=1.0)
+    return "toy_tiny"
+
+
+def test_listed_and_counted_by_running_it(toy, capsys):
+    assert main(["models", "toy*", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row == {"name": "toy_tiny", "params": TOY_PARAMS, "macs": TOY_MACS,
+                   "img_size": [32, 32], "num_classes": 7, "pretrained": None}
+    assert main(["flops", toy, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["macs"] == TOY_MACS and report["stages"] == []
+    assert report["by_stage"]["blocks"] == {"mlp": 2 * 16 * (16 * 32 + 32 * 16)}
+
+
+def test_without_an_analytic_count_complexity_says_so(toy):
+    arch = ToyConfig()
+    assert stages(arch) == []
+    assert unmodelled_fields(arch)
+    with pytest.raises(ValueError, match="Toy family has no analytic count"):
+        model_cost(arch)
+
+
+def test_builds_with_its_card_and_trains_with_the_right_groups(toy):
+    model = vistra.create_model(toy, num_classes=3)
+    assert (model.name, model.card.family, model.arch.num_classes) == (toy, "toy", 3)
+    assert model.data_config.crop_pct == 1.0 and model.data_config.img_size == (32, 32)
+    decay, no_decay = param_groups(model, 0.05)
+    named = dict(model.named_parameters())
+    no_decay_names = {n for n, p in named.items() if any(p is q for q in no_decay["params"])}
+    assert "pos_embed" in no_decay_names and "blocks.0.mlp.0.bias" in no_decay_names
+    assert {n for n, p in named.items() if p.ndim > 1} - {"pos_embed"} == \
+        {n for n, p in named.items() if any(p is q for q in decay["params"])}
+    assert freeze_all_but_head(model) == ["head.weight", "head.bias"]
+
+
+def test_saves_and_loads_as_a_checkpoint(toy, tmp_path):
+    model = vistra.create_model(toy)
+    model.classes = [f"class {i}" for i in range(7)]
+    save_checkpoint(model, tmp_path / "toy.safetensors")
+    loaded = load_checkpoint(tmp_path / "toy.safetensors")
+    assert type(loaded) is ToyNet and loaded.name == toy and loaded.classes == model.classes
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", [
+    VisionTransformer(ViTConfig(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2,
+                                num_classes=4)),
+    SwinTransformer(SwinConfig(img_size=32, embed_dim=12, depths=(2, 2), num_heads=(2, 4),
+                               window_size=4, num_classes=4)),
+], ids=["vit", "swin"])
+def test_a_model_built_from_its_class_saves_and_loads(model, tmp_path):
+    """Its card exists from construction on: the family's name, the config, classes."""
+    model.reset_classifier(5)
+    assert model.name == model.card.family and model.arch.num_classes == 5
+    model.classes = list("abcde")
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    loaded = load_checkpoint(tmp_path / "m.safetensors").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    assert loaded.classes == list("abcde") and loaded.arch == model.arch

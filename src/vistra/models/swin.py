@@ -188,8 +188,10 @@ class WindowAttention(nn.Module, AttentionRecorder):
         The cache is keyed on the table's content: a copy of it (a few thousand numbers) is
         compared on every call. A version counter misses writes through `.data` and does not
         exist for tensors made under inference_mode; a storage address can be reused. The
-        gather it saves is small but runs a parallel region: on 2 busy cores, 12 gathers took
-        0.8 ms at best and 43 ms as a median, 12 comparisons 0.03 ms (benchmarks/README.md)."""
+        gather it saves is small but starts a parallel region, slow to wake on busy cores:
+        whole Swin-T fp32 on 2 shared cores, 889 ms cached vs 959 gathered at batch 1, 5428 vs
+        5682 at batch 16 (another run: 1386 vs 1468, 7132 vs 7127); the 12 comparisons take
+        0.03 ms (benchmarks/README.md)."""
         table = self.relative_position_bias_table
         if not fastpath.enabled() or (torch.is_grad_enabled() and table.requires_grad):
             return self.relative_position_bias().to(dtype)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import vistra
 from vistra.analysis.benchmark import make_step
-from vistra.models import swin
+from vistra.models import fastpath, swin
 from vistra.models.swin import window_order, window_partition, window_reverse
 
 B, C, HW, M, HEADS = 16, 96, 56, 7, 3  # Swin-T's first stage at batch 16
@@ -183,8 +183,8 @@ def residual(rounds: int) -> dict:
 
 
 def bias_cache(rounds: int) -> dict:
-    """Whole Swin-T inference at batch 16 and 1: the relative-position bias cached per table
-    version, or gathered from the table in every forward."""
+    """Whole Swin-T inference at batch 16 and 1: the relative-position bias cached while the
+    table holds the same values, or gathered from the table in every forward."""
     shipped = swin.WindowAttention._bias
     gathered = lambda self, dtype: self.relative_position_bias().to(dtype)  # noqa: E731
     results = {}
@@ -197,6 +197,27 @@ def bias_cache(rounds: int) -> dict:
                                    rounds if batch == B else 5 * rounds))
     finally:
         swin.WindowAttention._bias = shipped
+    return results
+
+
+def switch(rounds: int) -> dict:
+    """Whole Swin-T and ViT-S/16 inference at batch 16 and 1: every fast path on, or all off
+    (vistra.models.fastpath, the plain path that export and analysis see)."""
+    shipped = fastpath.enabled()
+    results = {}
+    try:
+        for name, short in (("swin_tiny_patch4_window7_224", "Swin-T"),
+                            ("vit_small_patch16_224", "ViT-S")):
+            torch.manual_seed(0)
+            model = vistra.create_model(name)
+            for batch in (B, 1):
+                step = make_step(model, torch.randn(batch, 3, 224, 224), "infer", "fp32")
+                variants = {f"{short} batch {batch}: fast paths on": True,
+                            f"{short} batch {batch}: off": False}
+                results.update(compare(_swap(fastpath, "_enabled", variants, step),
+                                       rounds if batch == B else 5 * rounds))
+    finally:
+        fastpath.set_enabled(shipped)
     return results
 
 
@@ -248,7 +269,8 @@ def whole_models(rounds: int, baseline: Path) -> dict:
 
 EXPERIMENTS = {"sdpa": sdpa_rank, "explicit": explicit_vs_flash, "mask": shift_mask,
                "gather": gather, "merging": merging, "linear": linear, "memory": fresh_memory,
-               "residual": residual, "bias": bias_cache, "training": training_attention}
+               "residual": residual, "bias": bias_cache, "switch": switch,
+               "training": training_attention}
 
 
 def main() -> None:

@@ -1,15 +1,20 @@
 """The fast paths give the answers of the plain ones: cached bias and masks across sizes and
 weight updates, one-gather window layout, fused linears and SDPA in inference against the
-autograd paths, in-place residuals, bf16 autocast, and torch.compile."""
+autograd paths, in-place residuals, bf16 autocast, and torch.compile. One switch
+(`vistra.models.fastpath`) turns them all off, and tracers never see them."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vistra
+from vistra.models import fastpath
 from vistra.models.layers import Linear, attention
 from vistra.models.swin import (
     SwinBlock,
@@ -185,6 +190,65 @@ def test_bf16_training_step_runs_and_updates_the_bias_table():
     loss.backward()
     optimizer.step()
     assert not torch.equal(table, before)
+
+
+FAMILIES = {
+    "vit": VIT,
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"depth": 2}),
+    "r50_hybrid": ("vit_base_r50_s16_224", {"depth": 1, "embed_dim": 64, "num_heads": 2,
+                                            "hybrid_depths": (1, 1, 1), "img_size": 64}),
+    "swin": SWIN,
+}
+
+
+class OpLog(TorchDispatchMode):
+    """Records the namespace of every operator that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.namespaces: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def caches(model: nn.Module) -> list:
+    """Whatever the model's modules keep between calls."""
+    return [c for m in model.modules()
+            for c in (getattr(m, "_bias_cache", None), getattr(m, "_layouts", None)) if c]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_plain_path_gives_the_fast_paths_answer_with_standard_ops_and_no_state(family):
+    model = small(FAMILIES[family]).eval()
+    size = model.img_size
+    x = torch.randn(2, 3, *size)
+    with fastpath.disabled(), torch.inference_mode(), OpLog() as plain_ops:
+        plain = model(x)
+    assert "mkldnn" not in plain_ops.namespaces and not caches(model)
+    with torch.inference_mode(), OpLog() as fast_ops:
+        fast = model(x)
+    assert "mkldnn" in fast_ops.namespaces  # the check above can fail
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_jit_trace_records_the_plain_path_with_fast_paths_on():
+    model = small(SWIN, img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert fastpath.enabled()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        assert not caches(model)
+        assert "mkldnn" not in str(traced.inlined_graph)
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_environment_variable_starts_with_fast_paths_off():
+    code = "import vistra.models.fastpath as f; print(f.enabled())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "VISTRA_FAST_PATHS": "0"}, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.slow

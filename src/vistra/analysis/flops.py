@@ -4,14 +4,14 @@ The counter counts matrix products and convolutions only (2 FLOPs per multiply-a
 bias and mask adds, scaling, LayerNorm, GELU and residual adds are left out. Attention goes
 through `F.scaled_dot_product_attention`: on the meta device it decomposes into two counted
 batched matmuls (QK^T and AV); on CPU it runs the flash kernel, which torch's counter does not
-know, so `COUNTER_EXTRAS` teaches it the same 2 * N * N * d per head. Counting on the meta
-device needs no memory and no arithmetic: even ViT-H is counted in a second.
+know, so `COUNTER_EXTRAS` teaches it the same 2 * N * N * d per head. The model runs with its
+fast paths off (`vistra.models.fastpath`), so the counter sees the plain operators. Counting on
+the meta device needs no memory and no arithmetic: even ViT-H is counted in a second.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vistra.models import ModelFamily, build_from_arch, build_model, get_family, get_spec
+from vistra.models import ModelFamily, build_from_arch, build_model, fastpath, get_family, get_spec
 from vistra.models.layers import to_2tuple
 
 from .complexity import KINDS, model_cost, stages, unmodelled_fields
@@ -29,14 +29,8 @@ def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
 
-def _fused_linear_flops(x, weight, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(x[:-1]) * weight[0] * weight[1]
-
-
-# The counter is handed shapes, not tensors. The fused linear is the one vistra's layers use
-# for fp32 inference on CPU (vistra.models.layers.Linear).
-COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops,
-                  torch.ops.mkldnn._linear_pointwise: _fused_linear_flops}
+# The counter is handed shapes, not tensors.
+COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
 
 
 def _count(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> FlopCounterMode:
@@ -45,7 +39,7 @@ def _count(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> FlopCo
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=COUNTER_EXTRAS)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), fastpath.disabled():
         model(x)
     model.train(was_training)
     return counter

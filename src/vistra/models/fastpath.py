@@ -12,15 +12,22 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+import torch
+
 _enabled = os.environ.get("VISTRA_FAST_PATHS", "1").strip().lower() not in ("0", "false", "no")
 
 
 def enabled() -> bool:
-    """Whether the fast paths may be taken now (each also checks that it applies)."""
-    return _enabled
+    """Whether the fast paths may be taken now (each also checks that it applies): switched on,
+    and no tracer is recording the model. torch.jit tracing, ONNX export (either exporter) and
+    torch.compile / torch.export must see the plain path: a graph cannot hold a private oneDNN
+    op or a cache filled on an earlier call."""
+    return _enabled and not (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                             or torch.onnx.is_in_onnx_export())
 
 
 def set_enabled(flag: bool) -> None:
+    """Switch the fast paths on or off for the whole process."""
     global _enabled
     _enabled = bool(flag)
 

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
+
+from . import fastpath
 
 
 def to_2tuple(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -109,13 +112,23 @@ _fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused CPU linear serves eager fp32 inference: it has no autograd formula, under
-    autocast the ordinary path is the one that casts to bf16, and torch.compile does its own
-    fusion (its lowering of this op wants frozen weights)."""
+    """The fused CPU linear serves eager fp32 inference with the fast paths on: it has no
+    autograd formula, under autocast the ordinary path is the one that casts to bf16, and
+    tracers (export, torch.compile) need standard operators (`fastpath.enabled`)."""
     return (_fused_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling())
+            and fastpath.enabled())
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook watches any of `modules` or their sub-modules (or all
+    modules, through torch's global hooks): a fast path that skips a module's call or rewrites
+    its output in place must then step aside."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks
+               for top in modules for m in top.modules())
 
 
 class Linear(nn.Linear):
@@ -142,19 +155,23 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fc1 and GELU as one oneDNN call, unless someone hooks fc1 or act to watch them.
         if (fused_linear_applies(x, self.fc1.weight) and self.act.approximate == "none"
-                and not (self.fc1._forward_hooks or self.act._forward_hooks)):
+                and not hooked(self.fc1, self.act)):
             x = _fused_linear(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
         else:
             x = self.act(self.fc1(x))
         return self.drop2(self.fc2(self.drop1(x)))
 
 
-def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """x + branch. Without autograd, written into `branch` (a fresh intermediate of the
-    block): one allocation less per residual, and on CPU a fresh allocation costs page
-    faults that take longer than the add itself (benchmarks/README.md)."""
+def add_residual(x: torch.Tensor, branch: torch.Tensor, *producers: nn.Module) -> torch.Tensor:
+    """x + branch. In fast-path inference, written into `branch`: one allocation less per
+    residual, and on CPU a fresh allocation costs page faults that take longer than the add
+    itself (benchmarks/README.md).
+
+    `branch` may be the very tensor one of `producers` (the modules that computed it, with their
+    sub-modules) returned: an eval-mode DropPath or Dropout returns its input. So when a hook
+    watches any of them, the add is out of place and the hooked tensor keeps its value."""
     if (torch.is_grad_enabled() or branch.shape != x.shape or branch.dtype != x.dtype
-            or not branch.is_contiguous()):
+            or not branch.is_contiguous() or not fastpath.enabled() or hooked(*producers)):
         return x + branch
     return branch.add_(x)
 

@@ -7,6 +7,7 @@ multiple of the window inside a block and cropped after, patch merging pads odd 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
 from .base import VistraModel, check_output_fmt, checkpoint_seq, feature_take_indices
 from .layers import (
     AttentionRecorder,
@@ -30,6 +32,7 @@ from .layers import (
 )
 
 MASK_VALUE = -100.0  # added to logits of token pairs from different regions, as the paper
+LAYOUT_CACHE_SIZES = 8  # input sizes whose window layout each block keeps, least recent dropped
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ class WindowAttention(nn.Module, AttentionRecorder):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._bias_cache: tuple[tuple, torch.Tensor] | None = None
+        self._bias_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (table copy, bias)
 
     def relative_position_bias(self) -> torch.Tensor:
         """[heads, N, N] gathered from the table."""
@@ -181,20 +184,28 @@ class WindowAttention(nn.Module, AttentionRecorder):
         return bias.view(N, N, -1).permute(2, 0, 1)
 
     def _bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The bias, gathered once and reused while no gradient can flow into the table.
+        """The bias in `dtype`. With the fast paths on and no gradient to flow into the table,
+        gathered once and reused while the table holds the same values.
 
-        The key holds the table's version counter and storage, so an optimizer step, a
-        load_state_dict or a .to() gathers afresh. Under torch.compile the gather is traced
-        into the graph instead (the key would only cost recompilations)."""
+        The cache is keyed on the table's content: a copy of it (a few thousand numbers) is
+        compared on every call. A version counter misses writes through `.data` and does not
+        exist for tensors made under inference_mode; a storage address can be reused. The
+        gather it saves is small but starts a parallel region, slow to wake on busy cores:
+        whole Swin-T fp32 on 2 shared cores, 889 ms cached vs 959 gathered at batch 1, 5428 vs
+        5682 at batch 16 (another run: 1386 vs 1468, 7132 vs 7127); the 12 comparisons take
+        0.03 ms (benchmarks/README.md)."""
         table = self.relative_position_bias_table
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and table.requires_grad):
+        if not fastpath.enabled() or (torch.is_grad_enabled() and table.requires_grad):
             return self.relative_position_bias().to(dtype)
-        key = (table._version, table.data_ptr(), table.device, dtype)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            # A plain tensor even under inference_mode, so a later no_grad forward may use it.
+        cache = self._bias_cache
+        if (cache is None or cache[1].dtype != dtype or cache[0].device != table.device
+                or cache[0].dtype != table.dtype or cache[0].shape != table.shape
+                or not torch.equal(cache[0], table)):
+            # Plain tensors even under inference_mode, so a later no_grad forward may use them.
             with torch.inference_mode(False), torch.no_grad():
-                self._bias_cache = key, self.relative_position_bias().to(dtype).contiguous()
-        return self._bias_cache[1]
+                cache = table.detach().clone(), self.relative_position_bias().to(dtype).contiguous()
+            self._bias_cache = cache
+        return cache[1]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, nW, N, C], mask [nW, N, N] or None -> [B, nW, N, C]."""
@@ -225,8 +236,9 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
         self.drop_path2 = DropPath(drop_path)
-        # Per input resolution and device: gather indices and shift mask (built once).
-        self._layouts: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # Per input resolution and device: gather indices and shift mask, for the most recent
+        # LAYOUT_CACHE_SIZES sizes (fast paths only).
+        self._layouts: OrderedDict[tuple, tuple] = OrderedDict()
 
     def _layout(self, H: int, W: int, shift: int, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -236,13 +248,17 @@ class SwinBlock(nn.Module):
             order, restore = window_order(H, W, M, shift, device)
             mask = shift_window_mask(H - H % -M, W - W % -M, M, shift, device) if shift else None
             return order, restore, mask
-        if torch.compiler.is_compiling():  # traced into the graph, built once there
+        if not fastpath.enabled():  # built per call; a tracer records it in the graph
             return build()
         key = (H, W, device)
-        if key not in self._layouts:
+        layout = self._layouts.pop(key, None)
+        if layout is None:
             with torch.inference_mode(False):  # plain tensors, usable by any later forward
-                self._layouts[key] = build()
-        return self._layouts[key]
+                layout = build()
+            if len(self._layouts) >= LAYOUT_CACHE_SIZES:
+                self._layouts.popitem(last=False)
+        self._layouts[key] = layout  # now the most recent
+        return layout
 
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -260,8 +276,9 @@ class SwinBlock(nn.Module):
         return x.reshape(B, -1, C).index_select(1, restore).view(B, H, W, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.drop_path1(self._attend(self.norm1(x))))
-        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))))
+        x = add_residual(x, self.drop_path1(self._attend(self.norm1(x))),
+                         self.attn, self.drop_path1)
+        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.mlp, self.drop_path2)
 
 
 class SwinStage(nn.Module):

@@ -121,8 +121,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.drop_path1(self.attn(self.norm1(x))))
-        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))))
+        x = add_residual(x, self.drop_path1(self.attn(self.norm1(x))), self.attn, self.drop_path1)
+        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.mlp, self.drop_path2)
 
 
 class PreLogits(nn.Module):

@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vistra.fileio import atomic_write
 from vistra.models import DataConfig, build_model
 
 FORMAT = "vistra/1"
@@ -21,10 +22,7 @@ FORMAT = "vistra/1"
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write beside the target, then rename: an interrupted save never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,

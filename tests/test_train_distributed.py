@@ -48,5 +48,6 @@ def test_torchrun_with_two_cpu_processes_trains_one_model(tmp_path):
     assert records[0]["val_loss"] == pytest.approx(report.totals.loss, rel=1e-5)
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".lock",
         "best.safetensors", "class_counts.png", "class_indices.json", "config.yaml",
         "last.ckpt", "metrics.jsonl", "tensorboard", "training_curves.png"]

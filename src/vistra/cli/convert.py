@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "them as a vistra .safetensors checkpoint that carries the model's config, "
                     "so it loads later with no other file. Nothing in SRC is ever executed.")
     p.add_argument("src", help="weights file, or a HuggingFace model directory")
-    p.add_argument("dst", help="output checkpoint, ending in .safetensors")
+    p.add_argument("dst", help="output checkpoint, ending in .safetensors; an existing file is "
+                               "replaced only with --force, and never one of SRC's own files")
     p.add_argument("--model", required=True,
                    help="registered model name the weights are for (see `vistra models`)")
     p.add_argument("--num-classes", type=int, default=None,
@@ -24,12 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None,
                    help="input size in pixels (default: the model's; another size resamples "
                         "the position embeddings)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (atomically: an interruption leaves the old "
+                        "file)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     report = convert_checkpoint(args.src, args.dst, args.model, num_classes=args.num_classes,
-                                img_size=args.img_size)
+                                img_size=args.img_size, overwrite=args.force)
     print(report)
     print(f"wrote {args.dst}")
     return 0

@@ -20,14 +20,18 @@ from vistra.models import DataConfig, build_model
 FORMAT = "vistra/1"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                 overwrite: bool) -> None:
     """Write beside the target, then rename: an interrupted save never leaves a torn file."""
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                 replace=overwrite)
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
-                    classes: list[str] | None = None, extra: dict | None = None) -> None:
-    """Weights and the metadata to rebuild `model` (built by `vistra.create_model`)."""
+                    classes: list[str] | None = None, extra: dict | None = None,
+                    overwrite: bool = True) -> None:
+    """Weights and the metadata to rebuild `model` (built by `vistra.create_model`); an
+    existing `path` is replaced (atomically) unless `overwrite` is False."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -37,7 +41,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
         "classes": json.dumps(classes),
         "extra": json.dumps(extra or {}),
     }
-    _atomic_save(state, Path(path), metadata)
+    _atomic_save(state, Path(path), metadata, overwrite)
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:

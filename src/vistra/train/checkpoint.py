@@ -79,6 +79,8 @@ def locked_run_dir(run_dir: Path, new: bool) -> Iterator[Path]:
             raise ValueError(f"{run_dir} is in use by another vistra training process (it "
                              f"holds {run_dir / LOCK_FILE}); wait for it to end or choose "
                              "another --output") from None
+        for stale in run_dir.glob(".*.tmp"):  # a killed writer's (vistra.fileio); none runs now
+            stale.unlink()
         found = [name for name in RUN_FILES if (run_dir / name).exists()]
         if new and found:
             raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); continue "

@@ -83,9 +83,10 @@ def locked_run_dir(run_dir: Path, new: bool) -> Iterator[Path]:
             stale.unlink()
         found = [name for name in RUN_FILES if (run_dir / name).exists()]
         if new and found:
-            raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); continue "
-                             f"it with `vistra train --resume {run_dir}` or choose another "
-                             "--output")
+            what = (f"continue it with `vistra train --resume {run_dir}`" if "last.ckpt" in found
+                    else "it stopped before its first checkpoint: delete these files")
+            raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); {what} or "
+                             "choose another --output")
         yield run_dir
     finally:
         os.close(fd)  # releases the lock

@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_evaluate import constant_checkpoint
 from test_train_e2e import make_colour_folder, tiny_config
 
@@ -292,6 +294,18 @@ def test_a_checkpoint_that_does_not_fit_the_model_ends_in_one_line(finished_run,
     save_training_state({k: v for k, v in state.items() if k != "format"}, path)
     assert main(["train", "--resume", str(finished_run.run_dir)]) == 2
     assert "do not fit vit_tiny_patch16_224" in _one_error_line(capsys)
+
+
+def test_a_weights_file_that_does_not_fit_its_model_ends_in_one_line(tmp_path, capsys):
+    ckpt = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b"], favourite="a")
+    with safe_open(str(ckpt), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k != "head.bias"}
+    save_file(tensors, str(ckpt), metadata=metadata)
+    photos = tmp_path / "photos"
+    _photos(photos, 1)
+    assert main(["predict", str(ckpt), str(photos)]) == 2
+    assert 'Missing key(s) in state_dict: "head.bias"' in _one_error_line(capsys)
 
 
 def test_the_process_group_waits_long_enough_for_a_long_scan(monkeypatch):

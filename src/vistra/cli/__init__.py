@@ -49,6 +49,10 @@ def error_message(err: Exception) -> str | None:
             isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
         return ("out of memory; lower --batch-size or --workers, turn off --cache-images, or "
                 "remove the oversized images")
+    if isinstance(err, RuntimeError) and str(err).startswith("Error(s) in loading state_dict"):
+        detail = " ".join(str(err).split())
+        return (f"a checkpoint's weights do not fit the model it describes ({detail[:300]}); "
+                "it was edited, or written by another version of vistra")
     if isinstance(err, PermissionError):
         return (f"{err.filename}: permission denied; check that you may read (inputs) or write "
                 "(outputs) there, or choose another path")

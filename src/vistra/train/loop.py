@@ -437,8 +437,8 @@ def _data_error(err: RuntimeError, run_dir: Path) -> ValueError | None:
     found = re.search(r"failed to load (.+)$", str(err).strip(), re.MULTILINE)
     if found is None:
         return None
-    return ValueError(f"{found.group(1)} (it changed since the scan); restore or remove the "
-                      f"file, then continue with `vistra train --resume {run_dir}`")
+    return ValueError(f"{found.group(1)} (it changed since the scan); restore the file (a "
+                      f"resume needs the same files), then `vistra train --resume {run_dir}`")
 
 
 def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_times: list[float],

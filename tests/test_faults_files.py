@@ -132,6 +132,8 @@ def test_a_new_run_refuses_a_directory_holding_any_run_file(tmp_path, data, exis
         train(tiny_config(data, run_dir, epochs=1))
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock", existing]
     assert (run_dir / existing).read_text() == "kept"
+    with open(run_dir / ".lock") as lock:  # released when train() ended
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, data):
@@ -142,7 +144,6 @@ def test_a_run_directory_in_use_by_another_process_is_refused(tmp_path, data):
         with pytest.raises(ValueError, match="in use by another vistra training process"):
             train(tiny_config(data, run_dir, epochs=1))
     assert not (run_dir / "config.yaml").exists()
-    train(tiny_config(data, run_dir, epochs=1))  # released: the directory is free again
 
 
 # --- atomic writes and a torn metrics line -------------------------------------------------
@@ -239,12 +240,13 @@ def test_a_new_lr_scales_the_rest_of_the_schedule(tmp_path, data, monkeypatch):
 
     monkeypatch.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data, tmp_path / "a", epochs=3))
+        train(tiny_config(data, tmp_path / "a", epochs=2))
     monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     base = resume(tmp_path / "a", lr=1e-3).history
     half = resume(tmp_path / "b", lr=5e-4).history
-    assert [r["lr"] / 2 for r in base[1:]] == pytest.approx([r["lr"] for r in half[1:]])
+    assert [r["epoch"] for r in half] == [1, 2] and half[0] == base[0]
+    assert base[1]["lr"] / 2 == pytest.approx(half[1]["lr"])
     assert load_training_state(tmp_path / "b" / "last.ckpt")["config"]["lr"] == 5e-4
 
 

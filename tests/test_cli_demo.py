@@ -1,5 +1,6 @@
 """`vistra demo`: train, evaluate and predict on the bundled Fashion-MNIST sample."""
 
+import yaml
 from PIL import Image
 
 import vistra.cli.demo
@@ -30,6 +31,11 @@ def test_demo_trains_evaluates_on_test_and_predicts_examples(tmp_path, monkeypat
     assert main(["demo", "--config", str(recipe), "--output", str(run)]) == 0
     out = capsys.readouterr().out
     assert "images: 12" in out and "demo finished in" in out
+    # the checkpoint was chosen on images held out of train/; test/ is reported only at the end
+    assert "checkpoint chosen on 6 validation images held out of" in out
+    assert out.index("checkpoint chosen on") < out.index("test top-1")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == str(sample / "train")
+
     assert out.count(f"{sample / 'test'}/class") == 5  # one example of five classes
     assert {"best.safetensors", "confusion_test.png", "predictions"} <= {
         p.name for p in run.iterdir()}

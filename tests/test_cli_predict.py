@@ -25,7 +25,7 @@ def test_json_for_a_folder_and_annotated_copies(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in result] == [str(folder / f"{i}.jpg") for i in range(3)]
     assert all([t["class"] for t in r["topk"]] == ["c", "a"] for r in result)
-    assert sorted(p.name for p in out.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{i}.vistra.png" for i in range(3)]
 
 
 def test_failures_are_reported_and_make_the_exit_status_nonzero(tmp_path, capsys):

@@ -171,7 +171,7 @@ def test_convert_takes_class_names_from_a_file(hub, tmp_path):
     listed.write_text(json.dumps(["a", "b", "c"]))
     assert read_class_names(lines) == ["bird", "horse", "snake"]
     for names, expected in [(lines, ["bird", "horse", "snake"]), (listed, ["a", "b", "c"])]:
-        out = tmp_path / f"{names.stem}.safetensors"
+        out = tmp_path / f"{names.suffix[1:]}.safetensors"
         assert main(["convert", HF_REPO, str(out), "--classes", str(names)]) == 0
         assert read_metadata(out)["classes"] == expected
     assert main(["convert", f"hf-hub:{HF_REPO}", str(tmp_path / "pets.safetensors")]) == 0

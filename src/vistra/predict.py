@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from vistra.data import ImageLoadError, is_image_file, list_files, load_rgb
+from vistra.fileio import atomic_write
 
 from .evaluate import eval_transform, predict_log_probs
 from .output import printable, to_json
 
 FORMATS = ("text", "json", "csv")
 _MIN_ANNOTATED_WIDTH = 320  # small images are enlarged so the label stays legible
+_MAX_ANNOTATED_PIXELS = 4_000_000  # ... up to this size (12 MB as RGB)
+ANNOTATED_SUFFIX = ".vistra.png"  # annotated copies: photo.jpg -> photo.vistra.png
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,16 @@ def format_predictions(predictions: list[Prediction], fmt: str = "text") -> str:
 
 
 def annotate(prediction: Prediction, out_path: str | os.PathLike) -> Path:
-    """Write a copy of the image with its top class and probability on a banner at the top."""
+    """Write a PNG copy of the image with its top class and probability on a banner at the
+    top. An existing `out_path` is never replaced (FileExistsError names it)."""
     image = load_rgb(prediction.path)
-    if image.width < _MIN_ANNOTATED_WIDTH:
-        factor = _MIN_ANNOTATED_WIDTH / image.width
-        image = image.resize((_MIN_ANNOTATED_WIDTH, max(1, round(image.height * factor))),
+    # Narrow images are enlarged so the label stays legible, but never beyond
+    # _MAX_ANNOTATED_PIXELS: a 1 x 50000 strip would otherwise become 320 x 16 million.
+    factor = min(_MIN_ANNOTATED_WIDTH / image.width,
+                 math.sqrt(_MAX_ANNOTATED_PIXELS / (image.width * image.height)))
+    if factor > 1:
+        image = image.resize((max(1, math.floor(image.width * factor)),
+                              max(1, math.floor(image.height * factor))),
                              Image.Resampling.NEAREST)
     name, prob = prediction.topk[0]
     font = ImageFont.load_default(size=max(12, image.width // 20))
@@ -135,21 +144,29 @@ def annotate(prediction: Prediction, out_path: str | os.PathLike) -> Path:
     draw = ImageDraw.Draw(image, "RGBA")
     draw.rectangle((0, 0, right - left + 2 * pad, bottom - top + 2 * pad), fill=(0, 0, 0, 170))
     draw.text((pad - left, pad - top), text, font=font, fill=(255, 255, 255))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out_path)
-    return out_path
+    return atomic_write(out_path, lambda tmp: image.save(tmp, format="PNG"), replace=False)
+
+
+def annotated_name(path: Path) -> str:
+    """`photo.jpg` -> `photo.vistra.png`: never an input's own name, so an input is never
+    overwritten, even with OUTDIR the input folder."""
+    return f"{path.stem}{ANNOTATED_SUFFIX}"
 
 
 def annotate_all(predictions: list[Prediction], outdir: str | os.PathLike) -> list[Path]:
-    """Annotated copies in `outdir` under the images' own names (numbered if names repeat)."""
-    outdir, written, used = Path(outdir), [], set()
+    """Annotated copies in `outdir`, named `<stem>.vistra.png` (`<stem>_2.vistra.png`, ... if
+    stems repeat). Nothing is written if any of these names already exists there: the
+    FileExistsError names the first, so existing files are never replaced."""
+    outdir, targets, used = Path(outdir), [], set()
     for p in predictions:
-        suffix = p.path.suffix if is_image_file(p.path) else ".png"  # one Pillow can write
-        name, n = p.path.stem + suffix, 1
+        name, n = annotated_name(p.path), 1
         while name in used:
             n += 1
-            name = f"{p.path.stem}_{n}{suffix}"
+            name = f"{p.path.stem}_{n}{ANNOTATED_SUFFIX}"
         used.add(name)
-        written.append(annotate(p, outdir / name))
-    return written
+        targets.append(outdir / name)
+    for target in targets:
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(f"{target} already exists; vistra does not replace files: "
+                                  "move it away or choose another --annotate folder")
+    return [annotate(p, target) for p, target in zip(predictions, targets, strict=True)]

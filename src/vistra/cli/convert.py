@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "local HuggingFace cache: hf-hub:ORG/NAME, ORG/NAME (e.g. "
                                "google/vit-base-patch16-224), or a timm-tagged model name such "
                                "as vit_base_patch16_224.augreg2_in21k_ft_in1k")
-    p.add_argument("dst", help="output checkpoint, ending in .safetensors")
+    p.add_argument("dst", help="output checkpoint, ending in .safetensors; an existing file is "
+                               "replaced only with --force, and never one of SRC's own files")
     p.add_argument("--model", default=None,
                    help="registered model name the weights are for (see `vistra models`); "
                         "default: the one a timm config.json names, or that the weights' "
@@ -36,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="class names of the head's outputs: one per line, or a JSON list "
                         "(default: the source's id2label / label_names, ImageNet-1k's for a "
                         "1000-class head)")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (atomically: an interruption leaves the old "
+                        "file)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if model is None and is_tagged_model_name(src):
         model, src = src, True  # a timm-tagged model name names its weights
     report = convert_checkpoint(src, args.dst, model, num_classes=args.num_classes,
-                                img_size=args.img_size, classes=classes)
+                                img_size=args.img_size, classes=classes, overwrite=args.force)
     print(report)
     print(f"wrote {args.dst}")
     return 0

@@ -22,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="text",
                    help="text (default), json or csv, on standard output")
     p.add_argument("--annotate", metavar="OUTDIR",
-                   help="also write copies of the images with the top class drawn on them")
+                   help="also write PNG copies of the images with the top class drawn on them, "
+                        "named NAME.vistra.png (photo.jpg -> OUTDIR/photo.vistra.png), so an "
+                        "input is never overwritten; if any of these names already exists in "
+                        "OUTDIR, nothing is written and the error names it")
     p.add_argument("--tta-flip", action="store_true",
                    help="average each image's probabilities with its mirror image's (for "
                         "models trained with horizontal flips; twice the compute)")

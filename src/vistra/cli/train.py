@@ -13,6 +13,7 @@ import yaml
 
 from vistra.train import TrainConfig, config_from_dict, load_config, resume, train
 from vistra.train.allocator import keep_freed_memory
+from vistra.train.loop import RESUME_OVERRIDES
 
 _DICT_OPTION = "model_arg"  # --model-arg KEY=VALUE fills the model_kwargs mapping
 
@@ -29,7 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "options override it")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from RUN_DIR/last.ckpt with its saved "
-                        "options (only --device may be given with it)")
+                        "options; it accepts only "
+                        f"{', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES)} "
+                        "(e.g. a lower --lr after a divergence: the rest of the schedule is "
+                        "scaled to it). The data, process count and batch size must be the "
+                        "run's.")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
@@ -95,13 +100,15 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()  # this process only trains: reuse its peak memory (allocator.py)
     if args.resume:
         given = options_from_args(args)
-        extra = sorted(set(given) - {"device"}) + (["config"] if args.config else [])
+        extra = sorted(set(given) - set(RESUME_OVERRIDES)) + (["config"] if args.config else [])
         if extra:
             raise ValueError(
                 f"--resume continues {args.resume} with its saved options; drop "
-                f"{', '.join('--' + e.replace('_', '-') for e in extra)} (or start a new run "
-                f"with --config {args.resume}/config.yaml and your changes)")
-        resume(args.resume, device=given.get("device"))
+                f"{', '.join('--' + e.replace('_', '-') for e in extra)} (it accepts "
+                f"{', '.join('--' + o.replace('_', '-') for o in RESUME_OVERRIDES)}; or start "
+                f"a new run with --config {args.resume}/config.yaml and your changes)")
+        device = given.pop("device", None)
+        resume(args.resume, device=device, **given)
         return 0
     train(config_from_args(args))
     return 0

@@ -27,6 +27,7 @@ from PIL import Image
 
 from vistra.data.images import ImageLoadError, check_image, is_image_file, load_rgb
 from vistra.data.transforms import pixel_mode
+from vistra.fileio import atomic_write_text
 
 Sample = tuple[Path, int]
 
@@ -276,9 +277,8 @@ def _split_class(
 
 def write_class_indices(classes: list[str], path: str | os.PathLike) -> None:
     """Write {"0": name, ...}: the file prediction needs to turn an index back into a name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2))
+    atomic_write_text(path, json.dumps({str(i): name for i, name in enumerate(classes)},
+                                       indent=2))
 
 
 def read_class_indices(path: str | os.PathLike) -> list[str]:

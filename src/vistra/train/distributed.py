@@ -2,16 +2,38 @@
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is a single process.
 Only rank 0 reads the data folder's report, prints and writes files; the other ranks get
-what they need from it over the process group.
+what they need from it over the process group. An error in rank 0's part (`on_main`) is
+sent to every rank, so all of them stop at once with its message; an error on any rank later
+closes its connections, which ends the others' pending collectives at once (torchrun then
+stops the rest).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+# Ranks wait in a collective while rank 0 scans the data folder, decoding every image: a
+# million files take hours on a slow disk, far beyond torch's 30-minute default. Failures
+# do not wait for it: a process that fails closes its connections.
+TIMEOUT = timedelta(hours=6)
+
+T = TypeVar("T")
+
+
+class PeerError(RuntimeError):
+    """Another process of the run failed; the message is that process's own."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    message: str
 
 
 @dataclass(frozen=True)
@@ -43,13 +65,35 @@ def init_distributed(device: str | None = None) -> DistContext:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     return DistContext(rank, world_size, local_rank, dev)
 
 
-def close_distributed(ctx: DistContext) -> None:
-    if ctx.distributed and dist.is_initialized():
+def close_distributed(ctx: DistContext, failed: bool = False) -> None:
+    """Leave the process group; after a failure, leave it to the process's exit, as the
+    others may still wait in a collective that this one will never join."""
+    if ctx.distributed and dist.is_initialized() and not failed:
         dist.destroy_process_group()
+
+
+def on_main(work: Callable[[], T], ctx: DistContext,
+            send: Callable[[T], T] | None = None) -> T:
+    """`work()` run on rank 0, its result on every rank (`send(result)` on the others). If it
+    raises, every rank raises: rank 0 its own error, the others a PeerError with its message."""
+    if not ctx.distributed:
+        return work()
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as err:
+            broadcast_from_main(_Failure(f"{err}"), ctx)
+            raise
+        broadcast_from_main(send(result) if send else result, ctx)
+        return result
+    result = broadcast_from_main(None, ctx)
+    if isinstance(result, _Failure):
+        raise PeerError(f"rank 0 failed: {result.message}")
+    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:

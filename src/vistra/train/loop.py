@@ -2,21 +2,29 @@
 
 One process or many under torchrun, same code: each process trains on its shard of every
 epoch, DDP averages the gradients, the epoch's sums are added up over processes, and only
-rank 0 prints and writes files. Every epoch ends with last.ckpt (resumable), a metrics line,
-and best.safetensors when validation top-1 improved.
+rank 0 prints and writes files. Every epoch ends with best.safetensors when validation
+top-1 improved, last.ckpt (resumable, holding the epoch's metrics record) and then the record
+appended to metrics.jsonl: a kill at any point leaves a checkpoint to resume from, and the
+resumed run rewrites metrics.jsonl from it, so no epoch is missing or counted twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import re
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -33,26 +41,38 @@ from vistra.data import (
 )
 from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
 from vistra.factory import create_model
+from vistra.fileio import atomic_write_text
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end
-from .checkpoint import load_training_state, save_training_state
+from .checkpoint import load_training_state, locked_run_dir, save_training_state
 from .config import TrainConfig, config_from_dict
 from .data import build_loaders, draw_seed
 from .distributed import (
     DistContext,
+    PeerError,
     all_reduce_sum,
     broadcast_from_main,
     close_distributed,
     init_distributed,
+    on_main,
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
-from .optim import build_optimizer, build_scheduler, schedule_length, set_schedule_length
+from .optim import (
+    build_optimizer,
+    build_scheduler,
+    schedule_length,
+    set_peak_lr,
+    set_schedule_length,
+)
 from .params import freeze_all_but_head
 
 LAST = "last.ckpt"
 BEST = "best.safetensors"
+# Options a resumed run may change: none alters what the schedule has done or will do,
+# nor which images it trains on (lr scales the rest of the schedule, e.g. after a divergence).
+RESUME_OVERRIDES = ("lr", "clip_grad", "device", "workers", "threads", "cache_images", "quiet")
 
 
 @dataclass
@@ -70,40 +90,64 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on the image folder `cfg.data`; see TrainConfig for every option."""
     cfg.require_inputs()
     ctx = init_distributed(cfg.device)
-    try:
-        run_dir = broadcast_from_main(_new_run_dir(cfg) if ctx.is_main else None, ctx)
+    with _process_group(ctx), ExitStack() as held:
+        # rank 0 holds the run directory's lock until this returns or the process ends
+        run_dir = on_main(lambda: held.enter_context(locked_run_dir(_new_run_dir(cfg), new=True)),
+                          ctx)
         return _fit(cfg, ctx, run_dir, state=None)
-    finally:
-        close_distributed(ctx)
 
 
-def resume(run_dir: str | Path, device: str | None = None) -> TrainResult:
+def resume(run_dir: str | Path, device: str | None = None, **overrides) -> TrainResult:
     """Continue an interrupted run from its last.ckpt, with its saved configuration.
 
     The result is the same as if the run had never stopped: every random draw depends only
     on the seed, the epoch and the image, and the optimizer, schedule and EMA are restored.
+    `overrides` may change the options in RESUME_OVERRIDES (e.g. lr=3e-4 after a divergence).
     """
+    refused = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if refused:
+        raise ValueError(f"a resumed run cannot change {', '.join(_flags(refused))}: they would "
+                         f"change what it has done so far; it accepts "
+                         f"{', '.join(_flags(RESUME_OVERRIDES))}")
     run_dir = Path(run_dir)
     ctx = init_distributed(device)
-    try:
-        state = broadcast_from_main(load_training_state(run_dir / LAST) if ctx.is_main
-                                    else None, ctx)
+    with _process_group(ctx), ExitStack() as held:
+        def load() -> dict:
+            held.enter_context(locked_run_dir(run_dir, new=False))
+            return load_training_state(run_dir / LAST)
+
+        state = on_main(load, ctx)
         cfg = replace(config_from_dict(state["config"], source=str(run_dir / LAST)),
-                      device=device)
+                      **{**overrides, "device": device})
         return _fit(cfg, ctx, run_dir, state)
-    finally:
-        close_distributed(ctx)
+
+
+def _flags(names) -> list[str]:
+    return ["--" + name.replace("_", "-") for name in names]
+
+
+@contextmanager
+def _process_group(ctx: DistContext) -> Iterator[None]:
+    """Leave the process group at the end; after an error on this rank, at once (the others
+    then stop too). A rank whose peer failed says so rather than showing the transport's
+    error: the failed rank's own message is the one to read."""
+    try:
+        yield
+    except BaseException as err:
+        close_distributed(ctx, failed=True)
+        if ctx.distributed and not isinstance(err, PeerError) and (
+                isinstance(err, dist.DistError) or "closed by peer" in str(err)):
+            raise PeerError("another process of this torchrun run failed; its message says "
+                            "why") from err
+        raise
+    close_distributed(ctx)
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.output is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         return Path("runs") / f"{cfg.model}-{stamp}"
-    run_dir = Path(cfg.output)
-    if (run_dir / LAST).exists():
-        raise ValueError(f"{run_dir} already holds a run ({LAST}); continue it with "
-                         f"`vistra train --resume {run_dir}` or choose another --output")
-    return run_dir
+    return Path(cfg.output)
 
 
 def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
@@ -112,9 +156,12 @@ def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
 
 
 def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
-    """Rank 0 scans (decoding every file once), reports and writes the class files."""
-    if not ctx.is_main:
-        return broadcast_from_main(None, ctx)
+    """Rank 0 scans (decoding every file once), reports and writes the class files; the
+    other ranks get the split without the images (they decode their own shards)."""
+    return on_main(lambda: _scan(cfg, ctx, run_dir), ctx, send=lambda s: replace(s, images={}))
+
+
+def _scan(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
     # Cached images are kept from the scan, which decodes every file anyway.
     split = scan_image_folder(cfg.data, cfg.val_fraction, cfg.seed, keep_images=cfg.cache_images)
     if not split.val:
@@ -124,18 +171,46 @@ def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetS
         print(f"skipping {len(split.skipped)} unusable file(s):", file=sys.stderr)
         for path, reason in split.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
     # The resolved options, reusable as a recipe: vistra train --config RUN/config.yaml
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_class_indices(split.classes, run_dir / "class_indices.json")
     plot_class_counts(split, run_dir / "class_counts.png")
     where = "given train/val folders" if split.split_source == "folders" else \
         f"{cfg.val_fraction:.0%} of each class held out, seed {cfg.seed}"
     _say(ctx, cfg, f"{cfg.data}: {len(split.classes)} classes ({where})\n"
                    f"{format_class_counts(split)}")
-    if ctx.distributed:  # the other ranks decode their own shards: no images on the wire
-        broadcast_from_main(replace(split, images={}), ctx)
     return split
+
+
+def _data_identity(split: DatasetSplit, root: str) -> dict:
+    """A hash of the files each part trains on (paths relative to the folder, and labels),
+    with the counts, so that a resumed run can tell when the folder has changed."""
+    digest = hashlib.sha256()
+    for part, samples in (("train", split.train), ("val", split.val)):
+        for path, label in samples:
+            digest.update(f"{part}\t{os.path.relpath(path, root)}\t{label}\n".encode(
+                "utf-8", "surrogateescape"))
+    return {"sha256": digest.hexdigest(), "train": len(split.train), "val": len(split.val)}
+
+
+def _check_same_run(run: dict, now: dict, cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume when the data, the process count or the steps per epoch differ: the
+    schedule, the split and the budget would silently stop matching the epochs done."""
+    if run["data"]["sha256"] != now["data"]["sha256"]:
+        was, new = run["data"], now["data"]
+        raise ValueError(
+            f"{cfg.data}: the images have changed since the run in {run_dir} started "
+            f"(train {was['train']} -> {new['train']}, val {was['val']} -> {new['val']} "
+            "files, or files renamed or moved between classes); resume needs the same files: "
+            "restore them, or start a new run")
+    if run["world_size"] != now["world_size"]:
+        raise ValueError(f"the run in {run_dir} was trained by {run['world_size']} process(es), "
+                         f"this resume has {now['world_size']}; resume it with the same torchrun "
+                         "process count")
+    if run["steps_per_epoch"] != now["steps_per_epoch"]:
+        raise ValueError(f"an epoch of the run in {run_dir} had {run['steps_per_epoch']} steps, "
+                         f"now it would have {now['steps_per_epoch']}; resume needs the same "
+                         "data, batch size and process count")
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None) -> nn.Module:
@@ -231,16 +306,27 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
     split.images.clear()  # the loaders' caches hold them now, in the model's mode
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    run = {"data": _data_identity(split, cfg.data), "world_size": ctx.world_size,
+           "steps_per_epoch": len(train_loader)}
     best = {"best_top1": -1.0, "best_epoch": 0, "best_weights": "model"}
     start_epoch = 0
+    history: list[dict] = []  # the metrics records of the epochs done
     if state is not None:
-        model.load_state_dict(state["model"])
+        _check_same_run(state["run"], run, cfg, run_dir)
+        try:
+            model.load_state_dict(state["model"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+        except RuntimeError as err:
+            raise ValueError(f"{run_dir / LAST}: its weights do not fit {cfg.model} as this "
+                             f"version of vistra builds it ({_one_line(err)}); resume it with "
+                             "the version that wrote it") from err
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        set_peak_lr(scheduler, cfg.lr)  # a resume may give a new --lr
         best = {key: state[key] for key in best}
         start_epoch = state["epoch"]
+        history = list(state["history"])
     net = model
     if ctx.distributed:
         net = DistributedDataParallel(
@@ -256,14 +342,17 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
         return {"epoch": epoch, **best, "classes": split.classes, "config": cfg.to_dict(),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None}
+                "ema": ema.state_dict() if ema is not None else None,
+                "history": history, "run": run}
 
     logger = None
-    epoch_times: list[float] = []  # seconds per epoch, the run's earlier processes' included
+    # seconds per epoch, the run's earlier processes' included
+    epoch_times: list[float] = [r["seconds"] for r in history]
+    clock -= sum(epoch_times)
     if ctx.is_main:
-        history = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
-        epoch_times = [r["seconds"] for r in history]
-        clock -= sum(epoch_times)
+        if state is not None and read_metrics(run_dir) != history:
+            _say(ctx, cfg, f"{run_dir / 'metrics.jsonl'}: rewritten from {LAST} (epochs "
+                           f"1-{start_epoch}); later records were of epochs to be redone")
         logger = RunLogger(run_dir, history)
         if state is None:  # so that even an interruption in epoch 1 can be resumed
             save_training_state(training_state(0), run_dir / LAST)
@@ -300,12 +389,13 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                 set_schedule_length(scheduler, fitted * len(train_loader))  # saved with it
                 planned = fitted
             record["epochs"] = planned
+            history.append(record)
             if ctx.is_main:
                 if improved:
                     save_checkpoint(weights, run_dir / BEST, classes=split.classes,
                                     extra={**extra, "epoch": epoch, "top1": top1,
                                            "weights": which})
-                save_training_state(training_state(epoch), run_dir / LAST)
+                save_training_state(training_state(epoch), run_dir / LAST)  # holds the record
                 completed = epoch
                 logger.log(record)
                 _say(ctx, cfg, _epoch_line(record, which if improved else None))
@@ -319,14 +409,38 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
                   f"epoch {completed}. Continue with: vistra train --resume {run_dir}",
                   file=sys.stderr)
         raise
+    except FloatingPointError as err:
+        raise FloatingPointError(f"{err} (or continue from epoch {completed} with `vistra train "
+                                 f"--resume {run_dir} --lr SMALLER`)") from err
+    except RuntimeError as err:
+        unreadable = _data_error(err, run_dir)
+        if unreadable is None:
+            raise
+        raise unreadable from err
     finally:
         if logger is not None:
-            logger.close()
-    history = logger.history if logger is not None else []
+            logger.close(history)
+    if not ctx.is_main:
+        history = []
     _say(ctx, cfg, f"best validation top-1 {best['best_top1']:.2%} (epoch {best['best_epoch']}, "
                    f"{best['best_weights']} weights) -> {run_dir / BEST}")
     return TrainResult(run_dir, best["best_top1"], best["best_epoch"], best["best_weights"],
                        history, split, model)
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _data_error(err: RuntimeError, run_dir: Path) -> ValueError | None:
+    """An image that can no longer be read (changed or removed since the scan) as a one-line
+    error; a loader worker's error comes with its traceback in the text, the last line."""
+    found = re.search(r"failed to load (.+)$", str(err).strip(), re.MULTILINE)
+    if found is None:
+        return None
+    return ValueError(f"{found.group(1)} (it changed since the scan); restore the file (a "
+                      f"resume needs the same files), then `vistra train --resume {run_dir}`")
 
 
 def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_times: list[float],

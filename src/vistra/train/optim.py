@@ -58,8 +58,22 @@ def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_step
     """End the cosine at `total_steps` instead (a time budget's choice), from the next step
     on: the optimizer's learning rates are set to the changed schedule's at once. The length
     is part of the scheduler's state_dict, so a resumed run keeps it."""
+    scheduler.lr_lambdas[0].total_steps = total_steps
+    _apply_schedule(scheduler)
+
+
+def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """Make the schedule's peak `lr` from the next step on (a resumed run given a new --lr,
+    e.g. after a divergence); the steps done and the schedule's shape stay."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)  # every group starts at cfg.lr
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = lr
+    _apply_schedule(scheduler)
+
+
+def _apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's learning rates to the (changed) schedule's at its current step."""
     schedule = scheduler.lr_lambdas[0]
-    schedule.total_steps = total_steps
     for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
         group["lr"] = base_lr * schedule(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

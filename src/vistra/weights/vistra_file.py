@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from vistra.fileio import atomic_write
 from vistra.models import DataConfig, build_from_arch
 
 from .labels import default_classes
@@ -25,18 +26,19 @@ from .read import check_finite
 FORMAT = "vistra/1"
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
+                 overwrite: bool) -> None:
     """Write beside the target, then rename: an interrupted save never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                 replace=overwrite)
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
-                    classes: list[str] | None = None, extra: dict | None = None) -> None:
+                    classes: list[str] | None = None, extra: dict | None = None,
+                    overwrite: bool = True) -> None:
     """Weights and the metadata to rebuild `model`, any vistra model (its card says what it
-    is). `classes` None keeps the card's class names."""
+    is). `classes` None keeps the card's class names. An existing `path` is replaced
+    (atomically) unless `overwrite` is False."""
     card = model.card
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
@@ -48,7 +50,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
         "classes": json.dumps(classes if classes is not None else card.classes),
         "extra": json.dumps(extra or {}),
     }
-    _atomic_save(state, Path(path), metadata)
+    _atomic_save(state, Path(path), metadata, overwrite)
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:

@@ -8,6 +8,7 @@ be reported by name when the folder is scanned, not crash an epoch half-way thro
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -38,12 +39,16 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+def load_rgb(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Decode `path` into an 8-bit RGB image as displayed (EXIF orientation applied).
 
-    Raises ImageLoadError (naming the file) for anything that is not a complete image.
+    With `min_side`, a JPEG whose shorter side is at least twice that is decoded at a reduced
+    DCT scale (Pillow's draft mode: 1/2, 1/4 or 1/8) that keeps the shorter side >= min_side:
+    several times faster for photos far larger than a model's input, which is then resized
+    down from it. Raises ImageLoadError (naming the file) for anything that is not a complete
+    image.
     """
-    return _decode(Path(path), quick=False)
+    return _decode(Path(path), quick=False, min_side=min_side)
 
 
 def check_image(path: str | os.PathLike) -> str | None:
@@ -94,7 +99,7 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _decode(path: Path, quick: bool) -> Image.Image:
+def _decode(path: Path, quick: bool, min_side: int | None = None) -> Image.Image:
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -102,6 +107,9 @@ def _decode(path: Path, quick: bool) -> Image.Image:
                 raise ImageLoadError(path, f"too large ({width}x{height} pixels)")
             if quick and image.format == "JPEG":
                 image.draft(None, (1, 1))
+            elif min_side and image.format == "JPEG" and min(width, height) >= 2 * min_side:
+                scale = min_side / min(width, height)  # draft keeps both sides >= these
+                image.draft(None, (math.ceil(width * scale), math.ceil(height * scale)))
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError:

@@ -98,6 +98,12 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def tracing() -> bool:
+    """Whether the forward is being recorded as a graph (ONNX export, torch.jit.trace): the
+    graph must hold standard operators only and no state kept between calls."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 # oneDNN's linear adds the bias, and optionally GELU, inside the GEMM; addmm first writes the
 # bias into the whole output in a separate pass, and GELU is one more. On CPU in fp32 that is
 # 17% (27% with GELU) less time for Swin-T's layers; in bf16 no gain (benchmarks/README.md).
@@ -111,7 +117,7 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (_fused_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and not tracing())
 
 
 class Linear(nn.Linear):
@@ -149,8 +155,8 @@ def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """x + branch. Without autograd, written into `branch` (a fresh intermediate of the
     block): one allocation less per residual, and on CPU a fresh allocation costs page
     faults that take longer than the add itself (benchmarks/README.md)."""
-    if (torch.is_grad_enabled() or branch.shape != x.shape or branch.dtype != x.dtype
-            or not branch.is_contiguous()):
+    if (torch.is_grad_enabled() or tracing() or branch.shape != x.shape
+            or branch.dtype != x.dtype or not branch.is_contiguous()):
         return x + branch
     return branch.add_(x)
 

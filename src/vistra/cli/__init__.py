@@ -8,7 +8,8 @@ import importlib
 import sys
 
 # One module per sub-command, each with `register(subparsers)` that sets `func`.
-COMMANDS = ["models", "data", "train", "eval", "predict", "demo", "convert", "flops", "benchmark"]
+COMMANDS = ["models", "data", "train", "eval", "predict", "export", "demo", "convert", "flops",
+            "benchmark"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"vistra {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

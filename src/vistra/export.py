@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,10 @@ def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
     """The model as ONNX bytes, batch, height and width declared dynamic; traced on the plain
     reference path (no oneDNN fast paths, no in-place adds, no caches) without autograd."""
     buffer = io.BytesIO()
-    with fastpath.disabled(), torch.no_grad():
+    with fastpath.disabled(), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns at each Python-level decision on a shape; the export's own test at
+        # a second size is what tells whether one of them matters.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, (sample,), buffer, dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
@@ -250,11 +254,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     return dataclasses.replace(result, path=write_new(out, data, force))
 
 
-def quantize_int8(src: str | os.PathLike, out: str | os.PathLike, *, per_channel: bool = False,
+def quantize_int8(src: str | os.PathLike, out: str | os.PathLike, *, per_channel: bool = True,
                   force: bool = False) -> Path:
     """onnxruntime dynamic quantisation: int8 weights, activations quantised per batch at run
-    time; the metadata is carried over. Per-tensor by default: on the Fashion-MNIST recipe
-    checkpoints per-channel agreed no better with fp32 and is slower in onnxruntime."""
+    time; the metadata is carried over. Per-channel weight scales by default: on a small
+    Fashion-MNIST ViT they agreed with fp32 on 99% of the test images, per-tensor on 98%."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 

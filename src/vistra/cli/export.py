@@ -23,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8", action="store_true",
                    help="also write PATH with .int8.onnx: int8 weights, dynamic quantisation "
                         "(onnxruntime); prints both files' sizes")
-    p.add_argument("--per-channel", action="store_true",
-                   help="with --int8: one weight scale per output channel instead of per tensor")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="with --int8: one weight scale per tensor instead of per output channel")
     p.add_argument("--data", metavar="DIR",
                    help="an image folder (as for `vistra eval`): print the top-1 of the "
                         "exported file(s) on it")
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  max |onnxruntime - PyTorch| / max |logit|: {result.max_error:.1e}")
     files = [out]
     if args.int8:
-        quantize_int8(out, int8_out, per_channel=args.per_channel, force=args.force)
+        quantize_int8(out, int8_out, per_channel=not args.per_tensor, force=args.force)
         ratio = int8_out.stat().st_size / out.stat().st_size
         print(f"wrote {int8_out} ({_mb(int8_out)}, {100 * ratio:.0f}% of fp32)")
         files.append(int8_out)

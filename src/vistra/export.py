@@ -108,6 +108,7 @@ def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
         # The tracer warns at each Python-level decision on a shape; the export's own test at
         # a second size is what tells whether one of them matters.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False: chosen, see above
         torch.onnx.export(model, (sample,), buffer, dynamo=False, opset_version=opset,
                           input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},

@@ -2,7 +2,7 @@
 runs in onnxruntime with the same logits as PyTorch, checked before the file is written.
 
 The TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`) is used: it exports
-vistra's models 5-15x faster than the torch.export-based one, and both bake Python-level
+vistra's small models 4-15x faster than the torch.export-based one, and both bake Python-level
 decisions into the graph, so neither makes a size dynamic for free. Under tracing the models
 take paths whose sizes come from the input: ViT resamples its position embeddings in the
 graph; Swin computes padding, window gathers and shift mask in the graph (the trap of

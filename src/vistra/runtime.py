@@ -161,10 +161,11 @@ def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Clas
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
-                    dtype: str = "auto") -> Classifier:
+                    dtype: str = "fp32") -> Classifier:
     """The classifier a file holds. backend auto: onnxruntime for an .onnx file, PyTorch
-    otherwise; onnx for a .safetensors exports it in memory first. dtype: see resolve_dtype
-    (the chosen one is in `.dtype`)."""
+    otherwise; onnx for a .safetensors exports it in memory first. dtype: fp32 (the default,
+    the same numbers on every machine), bf16, or auto: see resolve_dtype (the chosen one is
+    in `.dtype`)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     is_onnx = Path(path).suffix.lower() == ".onnx"

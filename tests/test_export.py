@@ -112,6 +112,7 @@ def test_vit_and_swin_sizes_are_dynamic_and_recorded(exported):
     """ViT: multiples of the patch; Swin: any size whose shifted stages keep maps larger
     than the window (4 px patches x 4 (third stage) x window 7, plus one)."""
     assert read_meta(exported("vit_b16_224")).size_multiple == 16
+    assert read_meta(exported("r50_hybrid")).size_multiple == 16  # SAME padding in the graph
     swin = read_meta(exported("swin_t_224"))
     assert (swin.size_multiple, swin.min_size) == (1, 4 * 4 * 7 + 1)
     assert size_rule(exported("swin_b_w12_384")[0]) == (1, 4 * 1 * 12 + 1)  # stage 1 shifts

@@ -4,9 +4,10 @@ runs in onnxruntime with the same logits as PyTorch, checked before the file is 
 The TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`) is used: it exports
 vistra's small models 4-15x faster than the torch.export-based one, and both bake Python-level
 decisions into the graph, so neither makes a size dynamic for free. Under tracing the models
-take paths whose sizes come from the input: ViT resamples its position embeddings in the
-graph; Swin computes padding, window gathers and shift mask in the graph (the trap of
-timm#1844 and Swin-Transformer#314 is a graph that holds them as constants of one size).
+take paths whose sizes come from the input: ViT resamples its position embeddings (and the
+R50 hybrid computes its SAME padding) in the graph; Swin computes padding, window gathers
+and shift mask in the graph (the trap of timm#1844 and Swin-Transformer#314 is a graph that
+holds them as constants of one size).
 The batch is always dynamic. Every export is verified against eager PyTorch at the export
 size and at a second one; the sizes the graph computes right are recorded (`size_rule`),
 and should the second size fail, the graph's height and width are fixed instead, so

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from vistra.data import ImageFolderDataset, build_eval_transform, scan_image_folder
 from vistra.data.transforms import grey_level
 from vistra.output import printable
-from vistra.weights import load_checkpoint, read_metadata
+from vistra.weights import read_metadata
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -97,11 +97,13 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, flip: bool = False
 
 
 @torch.no_grad()
-def run_evaluation(model: nn.Module, loader: DataLoader, num_classes: int,
-                   device: torch.device, bf16: bool = False, flip: bool = False) -> EvalTotals:
+def run_evaluation(model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
+                   loader: DataLoader, num_classes: int, device: torch.device,
+                   bf16: bool = False, flip: bool = False) -> EvalTotals:
     """Cross-entropy, top-5 hits and the confusion matrix of `model` over `loader` (with
     `flip`, of the mean prediction for each image and its mirror image)."""
-    model.eval()
+    if isinstance(model, nn.Module):
+        model.eval()
     loss_sum, top5 = 0.0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     k = min(5, num_classes)
@@ -177,31 +179,42 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
                         holdout: bool = False, flip: bool = False, batch_size: int = 64,
-                        workers: int = 0,
-                        device: str = "cpu") -> tuple[EvalReport, list[tuple[Path, str]]]:
-    """Evaluate a vistra checkpoint on an image folder; return the report and skipped files.
+                        workers: int = 0, device: str = "cpu", backend: str = "auto",
+                        dtype: str = "fp32", shard: tuple[int, int] = (0, 1)
+                        ) -> tuple[EvalReport, list[tuple[Path, str]]]:
+    """Evaluate a vistra checkpoint (or an .onnx file from `vistra export`) on an image
+    folder; return the report and skipped files.
 
     `data` is class-per-folder (every image is evaluated) or holds train/ and val/ or test/
     (the val/test part is evaluated). With `holdout`, evaluate exactly the validation images
     that training held out of a class-per-folder `data` (same seed and fraction). Folders are
     matched to the checkpoint's classes by name; a folder may lack some classes. With `flip`,
-    each image's prediction is the mean of its own and its mirror image's.
+    each image's prediction is the mean of its own and its mirror image's. `backend` and
+    `dtype` as for vistra.runtime.load_classifier. `shard` (index, count): evaluate every
+    count-th image from index on, for one of count processes whose totals are then summed.
     """
-    model = load_checkpoint(checkpoint, device=device)
-    if not model.classes:
+    from vistra.runtime import load_classifier
+
+    classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype)
+    if not classifier.classes:
         raise ValueError(f"{checkpoint} records no class names; save it with "
                          "save_checkpoint(..., classes=[...]) to evaluate it on a folder")
     split_info = None
     if holdout:
+        if classifier.source.suffix.lower() == ".onnx":
+            raise ValueError("--holdout needs the .safetensors checkpoint: it records how "
+                             "training split the data, the .onnx file does not")
         split_info = (read_metadata(checkpoint) or {}).get("extra", {}).get("split")
         if split_info is None:
             raise ValueError(f"{checkpoint} does not record how training split its data; "
                              "--holdout works with checkpoints written by `vistra train`")
-    samples, skipped = _labelled_samples(Path(data), model.classes, split_info)
+    samples, skipped = _labelled_samples(Path(data), classifier.classes, split_info)
     if not samples:
         raise ValueError(f"{data} holds no images to evaluate")
-    loader = DataLoader(ImageFolderDataset(samples, eval_transform(model),
-                                           channels=model.arch.in_chans),
+    index, count = shard
+    loader = DataLoader(ImageFolderDataset(samples[index::count], classifier.transform,
+                                           channels=classifier.in_chans),
                         batch_size=batch_size, num_workers=workers)
-    totals = run_evaluation(model, loader, len(model.classes), torch.device(device), flip=flip)
-    return EvalReport(list(model.classes), totals), skipped
+    totals = run_evaluation(classifier, loader, len(classifier.classes), torch.device(device),
+                            flip=flip)
+    return EvalReport(list(classifier.classes), totals), skipped

@@ -11,8 +11,11 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -22,8 +25,9 @@ from torch import nn
 from vistra.data import ImageLoadError, is_image_file, list_files, load_rgb
 from vistra.fileio import atomic_write
 
-from .evaluate import eval_transform, predict_log_probs
+from .evaluate import predict_log_probs
 from .output import printable, to_json
+from .runtime import Classifier, module_classifier
 
 FORMATS = ("text", "json", "csv")
 _MIN_ANNOTATED_WIDTH = 320  # small images are enlarged so the label stays legible
@@ -59,43 +63,91 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
     return images, missing
 
 
-@torch.no_grad()
-def predict_images(model: nn.Module, paths: Iterable[str | os.PathLike], *, topk: int = 5,
-                   batch_size: int = 32,
-                   flip: bool = False) -> tuple[list[Prediction], list[tuple[Path, str]]]:
-    """Top-k predictions for each readable image; unreadable ones come back with a reason.
-    With `flip`, each image's probabilities are the mean of its own and its mirror image's.
+def _image_loader(classifier: Classifier) -> Callable[[Path], torch.Tensor]:
+    """Path -> the model's input tensor. JPEGs far larger than the input are decoded in
+    draft mode at a size that still leaves the resize at least a 2x reduction, so the result
+    differs from a full decode by no more than the resize's own filtering does."""
+    dc = classifier.data_config
+    min_side = 2 * max(int(side / dc.crop_pct) for side in dc.img_size)
+    return lambda path: classifier.transform(load_rgb(path, min_side=min_side))
 
-    `model` needs `.classes` (as from vistra.weights.load_checkpoint) and `.data_config`.
-    """
-    if not getattr(model, "classes", None):
+
+def decode_ahead(paths: Iterable[Path], load: Callable[[Path], torch.Tensor], workers: int,
+                 ahead: int) -> Iterator[tuple[Path, torch.Tensor | ImageLoadError]]:
+    """(path, loaded tensor or the error) in input order, decoded by `workers` threads up to
+    `ahead` images in front of the consumer, so decoding overlaps the model's compute (Pillow
+    and the tensor conversion release the GIL) while memory stays bounded."""
+    def attempt(path: Path) -> torch.Tensor | ImageLoadError:
+        try:
+            return load(path)
+        except ImageLoadError as err:
+            return err
+
+    paths = iter(paths)
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vistra-decode") as pool:
+        pending = deque((p, pool.submit(attempt, p)) for p in islice(paths, max(1, ahead)))
+        while pending:
+            path, future = pending.popleft()
+            for p in islice(paths, 1):
+                pending.append((p, pool.submit(attempt, p)))
+            yield path, future.result()
+
+
+def iter_predictions(model: nn.Module | Classifier, paths: Iterable[str | os.PathLike], *,
+                     topk: int = 5, batch_size: int = 32, flip: bool = False,
+                     workers: int = 2) -> Iterator[Prediction | tuple[Path, str]]:
+    """Predictions streamed in input order: a Prediction per readable image, (path, reason)
+    for each unreadable one. Images are decoded by `workers` threads while the model runs."""
+    classifier = model if isinstance(model, Classifier) else module_classifier(model)
+    classes = classifier.classes
+    if not classes:
         raise ValueError("the model has no class names (.classes); load it with "
                          "vistra.weights.load_checkpoint from a checkpoint that records them")
-    transform = eval_transform(model)
-    device = next(model.parameters()).device
-    model.eval()
-    k = min(topk, len(model.classes))
-    predictions, failed = [], []
+    k = min(topk, len(classes))
     batch: list[tuple[Path, torch.Tensor]] = []
+    waiting: list[tuple[Path, str]] = []  # failures held back to keep the input order
 
-    def flush() -> None:
-        probs = predict_log_probs(model, torch.stack([x for _, x in batch]).to(device),
-                                  flip).exp()
-        values, indices = probs.topk(k, dim=1)
-        for (path, _), vs, ix in zip(batch, values.tolist(), indices.tolist(), strict=True):
-            topk_named = [(model.classes[i], v) for i, v in zip(ix, vs, strict=True)]
-            predictions.append(Prediction(path, topk_named))
+    def flush() -> Iterator[Prediction | tuple[Path, str]]:
+        if batch:
+            probs = predict_log_probs(classifier, torch.stack([x for _, x in batch]), flip).exp()
+            values, indices = probs.topk(k, dim=1)
+            for (path, _), vs, ix in zip(batch, values.tolist(), indices.tolist(), strict=True):
+                yield Prediction(path, [(classes[i], v) for i, v in zip(ix, vs, strict=True)])
+        yield from waiting
         batch.clear()
+        waiting.clear()
 
-    for path in map(Path, paths):
-        try:
-            batch.append((path, transform(load_rgb(path))))
-        except ImageLoadError as err:
-            failed.append((path, err.reason))
+    loaded = decode_ahead(map(Path, paths), _image_loader(classifier), workers, 2 * batch_size)
+    for path, item in loaded:
+        if isinstance(item, ImageLoadError):
+            if not batch:
+                yield path, item.reason
+            else:
+                waiting.append((path, item.reason))  # after the batch's earlier images
+            continue
+        if waiting:  # an image after a failure: finish the batch so the order holds
+            yield from flush()
+        batch.append((path, item))
         if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+            yield from flush()
+    yield from flush()
+
+
+@torch.no_grad()
+def predict_images(model: nn.Module | Classifier, paths: Iterable[str | os.PathLike], *,
+                   topk: int = 5, batch_size: int = 32, flip: bool = False,
+                   workers: int = 2) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+    """Top-k predictions for each readable image, in input order; unreadable ones come back
+    with a reason. With `flip`, each image's probabilities are the mean of its own and its
+    mirror image's. Decoding runs in `workers` threads beside the model.
+
+    `model` is a Classifier (vistra.runtime.load_classifier: PyTorch or onnxruntime) or a
+    module with `.classes` and `.data_config` (as from vistra.weights.load_checkpoint).
+    """
+    predictions, failed = [], []
+    for item in iter_predictions(model, paths, topk=topk, batch_size=batch_size, flip=flip,
+                                 workers=workers):
+        (predictions if isinstance(item, Prediction) else failed).append(item)
     return predictions, failed
 
 

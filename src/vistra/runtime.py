@@ -2,7 +2,8 @@
 preprocessing it needs, behind one small interface shared by predict, eval and serve.
 
 `load_classifier(path)` picks the backend from the file: a vistra .safetensors runs in
-PyTorch eager mode. (An exported .onnx file runs in onnxruntime: added by the export work.)
+PyTorch eager mode (fp32, or bf16 autocast where the CPU has bf16 arithmetic), an .onnx file
+written by `vistra export` in onnxruntime, with the preprocessing its metadata records.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Classifier:
     run: Callable[[torch.Tensor], torch.Tensor]
     model: torch.nn.Module | None = None  # the PyTorch module, when the backend has one
     _sha256: str | None = None
+    dtype: str = "fp32"  # what the backend computes in: fp32, bf16 (autocast) or int8
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -57,22 +59,123 @@ class Classifier:
         return self._sha256
 
 
-def torch_classifier(path: str | os.PathLike, device: str = "cpu") -> Classifier:
-    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads)."""
+BACKENDS = ("auto", "torch", "onnx")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 autocast pays;
+    elsewhere it is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:
+    """fp32 or bf16 for `dtype` auto|fp32|bf16: auto takes bf16 for the torch backend on a
+    CPU with bf16 arithmetic (or a GPU), fp32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        fast = torch.device(device).type == "cuda" or cpu_has_bf16()
+        return "bf16" if backend == "torch" and fast else "fp32"
+    if dtype == "bf16" and backend != "torch":
+        raise ValueError("--dtype bf16 is for the torch backend; for a faster ONNX model "
+                         "export it with --int8")
+    return dtype
+
+
+def torch_classifier(path: str | os.PathLike, device: str = "cpu",
+                     dtype: str = "fp32") -> Classifier:
+    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads);
+    dtype bf16 runs under bf16 autocast, logits come back in fp32."""
     from vistra.evaluate import eval_transform, mean_logits
     from vistra.weights import load_checkpoint
 
     model = load_checkpoint(path, device=device).eval()
     dev = torch.device(device)
+    bf16 = dtype == "bf16"
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return mean_logits(model(batch.to(dev))).float().cpu()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            return mean_logits(model(batch.to(dev))).float().cpu()
 
     return Classifier(model.name, model.classes, model.data_config, model.arch.in_chans,
-                      Path(path), "torch", eval_transform(model), run, model=model)
+                      Path(path), "torch", eval_transform(model), run, model=model, dtype=dtype)
 
 
-def load_classifier(path: str | os.PathLike, device: str = "cpu") -> Classifier:
-    """The classifier a file holds, with the backend its format calls for."""
-    return torch_classifier(path, device=device)
+def module_classifier(model: torch.nn.Module) -> Classifier:
+    """A model in hand (with .name, .classes, .data_config, .arch) as a Classifier."""
+    from vistra.evaluate import eval_transform, mean_logits
+
+    device = next(model.parameters()).device
+
+    @torch.inference_mode()
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        return mean_logits(model.eval()(batch.to(device))).float().cpu()
+
+    return Classifier(getattr(model, "name", type(model).__name__), getattr(model, "classes", None),
+                      model.data_config, model.arch.in_chans, Path(), "torch",
+                      eval_transform(model), run, model=model)
+
+
+def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
+    """An .onnx file from `vistra export` in onnxruntime; a .safetensors is exported first,
+    in memory (nothing is written). `threads`: onnxruntime's intra-op threads (default:
+    torch's setting, so --threads / OMP_NUM_THREADS mean the same for both backends)."""
+    import onnxruntime as ort
+
+    from vistra.data import build_eval_transform
+    from vistra.evaluate import fit_channels
+    from vistra.export import OnnxMetadata, export_onnx_bytes
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.suffix.lower() == ".onnx":
+        graph: bytes | str = str(path)
+    else:
+        from vistra.weights import load_checkpoint
+
+        graph, _ = export_onnx_bytes(load_checkpoint(path), source_sha256=file_sha256(path))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    meta = OnnxMetadata.from_props(session.get_modelmeta().custom_metadata_map, path)
+    input_name = session.get_inputs()[0].name
+
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        meta.check_size(*batch.shape[-2:])
+        images = batch.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(session.run(None, {input_name: images})[0])
+
+    dc = meta.data_config
+    transform = fit_channels(build_eval_transform(dc.img_size, dc.mean, dc.std, dc.crop_pct,
+                                                  dc.interpolation), meta.in_chans)
+    dtype = "int8" if meta.quantization.startswith("int8") else "fp32"
+    return Classifier(meta.name, meta.classes, dc, meta.in_chans, path, "onnx", transform, run,
+                      dtype=dtype)
+
+
+def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
+                    dtype: str = "fp32") -> Classifier:
+    """The classifier a file holds. backend auto: onnxruntime for an .onnx file, PyTorch
+    otherwise; onnx for a .safetensors exports it in memory first. dtype: fp32 (the default,
+    the same numbers on every machine), bf16, or auto: see resolve_dtype (the chosen one is
+    in `.dtype`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    is_onnx = Path(path).suffix.lower() == ".onnx"
+    if backend == "auto":
+        backend = "onnx" if is_onnx else "torch"
+    if backend == "torch" and is_onnx:
+        raise ValueError(f"{path} is an ONNX graph: run it with --backend onnx (or auto)")
+    chosen = resolve_dtype(dtype, backend, device)
+    if backend == "onnx":
+        if torch.device(device).type != "cpu":
+            raise ValueError("the onnx backend runs on the CPU; use --device cpu")
+        return onnx_classifier(path)
+    return torch_classifier(path, device=device, dtype=chosen)

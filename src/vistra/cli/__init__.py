@@ -8,8 +8,8 @@ import importlib
 import sys
 
 # One module per sub-command, each with `register(subparsers)` that sets `func`.
-COMMANDS = ["models", "data", "train", "eval", "predict", "explain", "demo", "convert", "flops",
-            "benchmark", "serve"]
+COMMANDS = ["models", "data", "train", "eval", "predict", "explain", "export", "demo", "convert",
+            "flops", "benchmark", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

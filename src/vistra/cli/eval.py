@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 from vistra.analysis.plots import plot_confusion_matrix
-from vistra.evaluate import evaluate_checkpoint
+from vistra.cli.inference import add_runtime_options, report_dtype
+from vistra.evaluate import EvalReport, EvalTotals, evaluate_checkpoint
 from vistra.output import to_json
+from vistra.runtime import resolve_dtype
+from vistra.train.distributed import all_reduce_sum, close_distributed, init_distributed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="evaluate a checkpoint on an image folder",
         description="Evaluate a vistra checkpoint on labelled images: top-1, top-5, per-class "
                     "precision and recall, and the confusion matrix (printed and as a PNG).")
-    p.add_argument("checkpoint", help="a .safetensors written by `vistra train`")
+    p.add_argument("checkpoint",
+                   help="a .safetensors written by `vistra train`, or an .onnx file written "
+                        "by `vistra export`")
     p.add_argument("--data", required=True, metavar="DIR",
                    help="class-per-folder images (all are evaluated), or a folder with train/ "
                         "and val/ or test/ (the val/test part is evaluated)")
@@ -35,13 +40,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2,
                    help="data-loading worker processes (default: 2)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    add_runtime_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report, skipped = evaluate_checkpoint(args.checkpoint, args.data, holdout=args.holdout,
-                                          flip=args.tta_flip, batch_size=args.batch_size,
-                                          workers=args.workers, device=args.device)
+    ctx = init_distributed(args.device)
+    try:
+        backend = args.backend
+        if backend == "auto":
+            backend = "onnx" if Path(args.checkpoint).suffix.lower() == ".onnx" else "torch"
+        dtype = resolve_dtype(args.dtype, backend, str(ctx.device))
+        report, skipped = evaluate_checkpoint(
+            args.checkpoint, args.data, holdout=args.holdout, flip=args.tta_flip,
+            batch_size=args.batch_size, workers=args.workers, device=str(ctx.device),
+            backend=backend, dtype=dtype, shard=(ctx.rank, ctx.world_size))
+        if ctx.distributed:  # each process evaluated a shard: add up the totals
+            summed = all_reduce_sum(report.totals.as_tensor(), ctx)
+            report = EvalReport(report.classes,
+                                EvalTotals.from_tensor(summed, len(report.classes)))
+    finally:
+        close_distributed(ctx)
+    if not ctx.is_main:
+        return 0
+    report_dtype(dtype, backend, args.dtype)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     data_name = Path(args.data).resolve().name

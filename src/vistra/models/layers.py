@@ -105,6 +105,12 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+def tracing() -> bool:
+    """Whether the forward is being recorded as a graph (ONNX export, torch.jit.trace): the
+    graph must hold standard operators only and no state kept between calls."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 # oneDNN's linear adds the bias, and optionally GELU, inside the GEMM; addmm first writes the
 # bias into the whole output in a separate pass, and GELU is one more. On CPU in fp32 that is
 # 17% (27% with GELU) less time for Swin-T's layers; in bf16 no gain (benchmarks/README.md).

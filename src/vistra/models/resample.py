@@ -22,8 +22,8 @@ def resample_pos_embed(
                 f"position embedding has {grid.shape[1]} grid tokens, not a square; pass old_grid"
             )
         old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
+    if tuple(old_grid) == tuple(new_grid) and not torch.jit.is_tracing():
+        return pos_embed  # a traced graph keeps the resize: its grid follows the input
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)

@@ -8,8 +8,6 @@ exactly that, or those weights give wrong outputs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +15,7 @@ from torch import nn
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
     """TensorFlow SAME padding (before, after) for one spatial axis."""
-    out = math.ceil(size / stride)
+    out = -(-size // stride)  # ceil in integers: a traced size stays traced (ONNX export)
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
 

@@ -29,6 +29,7 @@ from .layers import (
     drop_path_rates,
     init_weights,
     to_2tuple,
+    tracing,
 )
 
 MASK_VALUE = -100.0  # added to logits of token pairs from different regions, as the paper
@@ -129,7 +130,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
-        if pad_h or pad_w:
+        if pad_h or pad_w or tracing():  # a graph pads by amounts computed from its input
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if self.backbone is not None:
             x = self.backbone(x)
@@ -147,7 +148,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if H % 2 or W % 2:
+        if H % 2 or W % 2 or tracing():
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
             H, W = H + H % 2, W + W % 2
         # [B, H/2, row parity, W/2, column parity, C] read column parity first: one copy in
@@ -266,10 +267,12 @@ class SwinBlock(nn.Module):
         # A map no larger than the window is attended as one window, without a shift.
         shift = self.shift_size if min(H, W) > M else 0
         pad_h, pad_w = -H % M, -W % M
-        if not (shift or pad_h or pad_w):  # plain windows: a permute is the cheapest copy
+        # Plain windows: a permute is the cheapest copy. A graph (ONNX export) takes the general
+        # path always, so padding, gathers and shift mask follow the input's size.
+        if not (shift or pad_h or pad_w or tracing()):
             return window_reverse(self.attn(window_partition(x, M), None), M, H, W)
         order, restore, mask = self._layout(H, W, shift, x.device)
-        if pad_h or pad_w:
+        if pad_h or pad_w or tracing():
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         windows = x.reshape(B, -1, C).index_select(1, order).view(B, -1, M * M, C)
         x = self.attn(windows, mask)

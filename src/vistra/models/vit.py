@@ -26,6 +26,7 @@ from .layers import (
     drop_path_rates,
     init_weights,
     to_2tuple,
+    tracing,
 )
 from .resample import resample_pos_embed
 from .resnetv2 import ResNetV2
@@ -210,8 +211,9 @@ class VisionTransformer(VistraModel):
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos_embed = self.pos_embed
-        if grid != self.grid_size:
-            if not self.cfg.dynamic_img_size:
+        # A traced graph (ONNX export) resamples always, so its size follows the input's.
+        if grid != self.grid_size or tracing():
+            if grid != self.grid_size and not self.cfg.dynamic_img_size:
                 size = (grid[0] * self.patch_embed.reduction, grid[1] * self.patch_embed.reduction)
                 raise ValueError(
                     f"input of {size[0]}x{size[1]} pixels does not match the model's img_size "

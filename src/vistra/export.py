@@ -1,0 +1,278 @@
+"""Export a vistra model to ONNX: one file that carries its preprocessing and class names and
+runs in onnxruntime with the same logits as PyTorch, checked before the file is written.
+
+The TorchScript-based exporter (`torch.onnx.export(..., dynamo=False)`) is used: it exports
+vistra's small models 4-15x faster than the torch.export-based one, and both bake Python-level
+decisions into the graph, so neither makes a size dynamic for free. Under tracing the models
+take paths whose sizes come from the input: ViT resamples its position embeddings (and the
+R50 hybrid computes its SAME padding) in the graph; Swin computes padding, window gathers
+and shift mask in the graph (the trap of timm#1844 and Swin-Transformer#314 is a graph that
+holds them as constants of one size).
+The batch is always dynamic. Every export is verified against eager PyTorch at the export
+size and at a second one; the sizes the graph computes right are recorded (`size_rule`),
+and should the second size fail, the graph's height and width are fixed instead, so
+onnxruntime refuses other sizes rather than answering wrongly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vistra.models import DataConfig, SwinTransformer, fastpath
+
+DEFAULT_OPSET = 17
+STANDARD_DOMAINS = ("", "ai.onnx")
+_MAX_PROTO_BYTES = 2_000_000_000  # protobuf's 2 GB limit for a single-file model
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """What an exported file records about itself (ONNX metadata_props, values as JSON)."""
+
+    name: str
+    classes: list[str] | None
+    data_config: DataConfig
+    in_chans: int
+    size_multiple: int  # 0: only data_config.img_size; n: heights and widths divisible by n
+    min_size: int  # the smallest height and width the graph computes right
+    source_sha256: str
+    quantization: str = "none"
+
+    def to_props(self) -> dict[str, str]:
+        dc = self.data_config
+        values = {"name": self.name, "classes": self.classes, "img_size": list(dc.img_size),
+                  "mean": list(dc.mean), "std": list(dc.std), "crop_pct": dc.crop_pct,
+                  "interpolation": dc.interpolation, "in_chans": self.in_chans,
+                  "size_multiple": self.size_multiple, "min_size": self.min_size,
+                  "source_sha256": self.source_sha256,
+                  "quantization": self.quantization}
+        return {f"vistra.{k}": json.dumps(v) for k, v in values.items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], path: str | os.PathLike = "file"
+                   ) -> OnnxMetadata:
+        if "vistra.name" not in props:
+            raise ValueError(f"{path} has no vistra metadata; export it with `vistra export`")
+        v = {k.removeprefix("vistra."): json.loads(s) for k, s in props.items()
+             if k.startswith("vistra.")}
+        dc = DataConfig(img_size=tuple(v["img_size"]), mean=tuple(v["mean"]),
+                        std=tuple(v["std"]), crop_pct=v["crop_pct"],
+                        interpolation=v["interpolation"])
+        return cls(v["name"], v["classes"], dc, v["in_chans"], v["size_multiple"],
+                   v["min_size"], v["source_sha256"], v.get("quantization", "none"))
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError naming the supported sizes when the graph cannot take this one."""
+        h, w = self.data_config.img_size
+        if self.size_multiple == 0:
+            if (height, width) != (h, w):
+                raise ValueError(f"this ONNX graph of {self.name} takes {h}x{w} images only, "
+                                 f"got {height}x{width}; resize the input")
+            return
+        if (height % self.size_multiple or width % self.size_multiple
+                or min(height, width) < self.min_size):
+            raise ValueError(
+                f"this ONNX graph of {self.name} takes heights and widths that are multiples "
+                f"of {self.size_multiple} and at least {self.min_size}, got {height}x{width}")
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> OnnxMetadata:
+    """The vistra metadata of an exported .onnx file (reads the graph header, not weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, path)
+
+
+def foreign_ops(model_proto) -> list[str]:
+    """Operators outside the standard ONNX domain ("domain::op"), which other runtimes lack."""
+    return sorted({f"{n.domain}::{n.op_type}" for n in model_proto.graph.node
+                   if n.domain not in STANDARD_DOMAINS})
+
+
+def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
+    """The model as ONNX bytes, batch, height and width declared dynamic; traced on the plain
+    reference path (no oneDNN fast paths, no in-place adds, no caches) without autograd."""
+    buffer = io.BytesIO()
+    with fastpath.disabled(), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns at each Python-level decision on a shape; the export's own test at
+        # a second size is what tells whether one of them matters.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # dynamo=False: chosen, see above
+        torch.onnx.export(model, (sample,), buffer, dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                        "logits": {0: "batch"}})
+    return buffer.getvalue()
+
+
+def _eager_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Eager reference logits at any size (a ViT built for one size resamples, as the graph)."""
+    cfg = getattr(model, "cfg", None)
+    resizable = cfg is not None and hasattr(cfg, "dynamic_img_size")
+    if resizable:
+        model.cfg = dataclasses.replace(cfg, dynamic_img_size=True)
+    try:
+        with fastpath.disabled(), torch.no_grad():
+            return model(x).float().numpy()
+    finally:
+        if resizable:
+            model.cfg = cfg
+
+
+def _max_error(session, model: nn.Module, x: torch.Tensor) -> float:
+    """Largest |onnxruntime - eager| over the logits, relative to the logits' scale (>= 1);
+    inf when onnxruntime rejects the input."""
+    reference = _eager_logits(model, x)
+    try:
+        out = session.run(None, {"image": x.numpy()})[0]
+    except Exception:  # noqa: BLE001 - onnxruntime raises its own types for shape errors
+        return float("inf")
+    return float(np.abs(out - reference).max() / max(1.0, float(np.abs(reference).max())))
+
+
+def size_rule(model: nn.Module) -> tuple[int, int]:
+    """(multiple, minimum) of the image heights and widths the traced graph computes right.
+
+    ViT: multiples of the patch (the position embeddings are resampled in the graph). Swin:
+    any size (padding, window gathers and shift mask are computed in the graph), as long as
+    every stage that shifts its windows keeps a map larger than the window: below that,
+    eager Swin stops shifting, a decision the graph holds fixed."""
+    if isinstance(model, SwinTransformer):
+        patch, smallest = model.cfg.patch_size, 1
+        for s, stage in enumerate(model.layers):
+            for block in stage.blocks:
+                if block.shift_size:
+                    smallest = max(smallest, patch * 2**s * block.window_size + 1)
+        return 1, smallest
+    reduction = model.patch_embed.reduction
+    return reduction, reduction
+
+
+def _probe_size(model: nn.Module, multiple: int) -> tuple[int, int]:
+    """A second, non-square image size to test the graph at."""
+    h, w = model.data_config.img_size
+    return h + 2 * multiple, w + 4 * multiple
+
+
+def _fix_image_size(model_proto, height: int, width: int) -> None:
+    """Declare the input's height and width fixed, so onnxruntime rejects other sizes."""
+    dims = model_proto.graph.input[0].type.tensor_type.shape.dim
+    for dim, value in ((dims[2], height), (dims[3], width)):
+        dim.Clear()
+        dim.dim_value = value
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    metadata: OnnxMetadata
+    max_error: float  # relative to the logits' scale, at the export size, batch 3
+    probe_size: tuple[int, int]  # the second size the graph was tested at
+    probe_error: float  # above tolerance (inf: did not run): the size was fixed instead
+
+
+def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
+                      source_sha256: str = "", tolerance: float = 1e-4
+                      ) -> tuple[bytes, ExportResult]:
+    """The ONNX file's bytes for a vistra model (with .name, .data_config, .arch, .classes),
+    verified against eager PyTorch. Raises ValueError when the graph is not right at the
+    export size or holds non-standard operators."""
+    import onnx
+    import onnxruntime as ort
+
+    model = model.eval().cpu()
+    if sum(p.numel() * p.element_size() for p in model.parameters()) > _MAX_PROTO_BYTES:
+        raise ValueError(f"{model.name} has more than 2 GB of weights: a single-file ONNX "
+                         "model cannot hold it (external-data export is not supported)")
+    h, w = model.data_config.img_size
+    in_chans = model.arch.in_chans
+    generator = torch.Generator().manual_seed(0)
+    proto = onnx.load_from_string(_trace(model, torch.randn(2, in_chans, h, w,
+                                                            generator=generator), opset))
+    if bad := foreign_ops(proto):
+        raise ValueError(f"the exported graph of {model.name} holds non-standard operators "
+                         f"({', '.join(bad)}); export under vistra.models.fastpath.disabled()")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    error = _max_error(session, model, torch.randn(3, in_chans, h, w, generator=generator))
+    if not error <= tolerance:
+        raise ValueError(f"the exported graph of {model.name} differs from PyTorch by "
+                         f"{error:.2e} (relative) at {h}x{w}; not writing it")
+    multiple, smallest = size_rule(model)
+    probe = _probe_size(model, multiple)
+    probe_error = _max_error(session, model, torch.randn(1, in_chans, *probe,
+                                                         generator=generator))
+    if not probe_error <= tolerance:  # a safety net: refuse other sizes rather than err
+        multiple, smallest = 0, min(h, w)
+        _fix_image_size(proto, h, w)
+    meta = OnnxMetadata(model.name, model.classes, model.data_config, in_chans, multiple,
+                        smallest, source_sha256)
+    onnx.helper.set_model_props(proto, meta.to_props())
+    return proto.SerializeToString(), ExportResult(Path(), meta, error, probe, probe_error)
+
+
+def write_new(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
+    """Write `data` to `path` atomically (a temporary file renamed into place); an existing
+    file is replaced only with `force`."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; choose another --out or pass --force")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
+                      opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
+    """Export a vistra .safetensors checkpoint to a verified .onnx file at `out`."""
+    from vistra.runtime import file_sha256
+    from vistra.weights import load_checkpoint
+
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force")
+    model = load_checkpoint(checkpoint)
+    data, result = export_onnx_bytes(model, opset=opset, source_sha256=file_sha256(checkpoint))
+    return dataclasses.replace(result, path=write_new(out, data, force))
+
+
+def quantize_int8(src: str | os.PathLike, out: str | os.PathLike, *, per_channel: bool = True,
+                  force: bool = False) -> Path:
+    """onnxruntime dynamic quantisation: int8 weights, activations quantised per batch at run
+    time; the metadata is carried over. Per-channel weight scales by default: on a small
+    Fashion-MNIST ViT they agreed with fp32 on 99% of the test images, per-tensor on 98%."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force")
+    meta = read_onnx_metadata(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_dynamic(str(src), str(quantized), weight_type=QuantType.QInt8,
+                         per_channel=per_channel)
+        proto = onnx.load(str(quantized))
+    del proto.metadata_props[:]
+    kind = "int8-dynamic-per-channel" if per_channel else "int8-dynamic"
+    onnx.helper.set_model_props(proto, dataclasses.replace(meta, quantization=kind).to_props())
+    return write_new(out, proto.SerializeToString(), force)

@@ -1,0 +1,231 @@
+"""ONNX export: onnxruntime gives eager PyTorch's logits for every family, at any batch and
+at a second image size from the same file (or the file refuses the size); the metadata
+carries what prediction needs; int8 keeps the fp32 model's answers."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import vistra
+from vistra import create_model
+from vistra.cli import main
+from vistra.data import load_rgb
+from vistra.export import (
+    export_onnx_bytes,
+    foreign_ops,
+    quantize_int8,
+    read_onnx_metadata,
+    size_rule,
+)
+from vistra.predict import find_images, predict_images
+from vistra.runtime import file_sha256, load_classifier, module_classifier
+from vistra.weights import save_checkpoint
+
+MINI = Path(vistra.__file__).parent / "assets" / "fashion_mnist_mini"
+FMNIST_CLASSES = sorted(p.name for p in (MINI / "test").iterdir())
+
+# (name, overrides, a second image size): depth-reduced variants keep every family's code
+# path (hybrid stem, distillation token, window 12, conv stems) at a fraction of the time.
+SMALL = {
+    "vit_b16_224": ("vit_base_patch16_224", dict(depth=1), (256, 288)),
+    "vit_b16_384": ("vit_base_patch16_384", dict(depth=1), (352, 416)),
+    "deit_distilled": ("deit_small_distilled_patch16_224", dict(depth=1), (192, 256)),
+    "r50_hybrid": ("vit_base_r50_s16_224", dict(depth=1, hybrid_depths=(1, 1, 1)), (256, 256)),
+    "swin_t_224": ("swin_tiny_patch4_window7_224", dict(depths=(2, 2, 2, 1)), (250, 301)),
+    "swin_b_w12_384": ("swin_base_patch4_window12_384",
+                       dict(depths=(2, 1, 1, 1), embed_dim=32), (400, 416)),
+    "vit_fmnist": ("vit_fmnist", {}, (36, 44)),
+    "swin_fmnist": ("swin_fmnist", {}, (30, 45)),
+}
+FULL = {
+    "vit_b16_224_full": ("vit_base_patch16_224", {}, (256, 288)),
+    "swin_t_224_full": ("swin_tiny_patch4_window7_224", {}, (256, 320)),
+}
+
+
+def build(name: str, overrides: dict) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vit = not name.startswith("swin")
+    model = create_model(name, num_classes=5, **overrides, **({"dynamic_img_size": True}
+                                                                 if vit else {})).eval()
+    model.classes = list("abcde")
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(request):
+    """key -> (eager model, ONNX bytes, export result, session), each family exported once."""
+    cache = {}
+
+    def get(key: str):
+        if key not in cache:
+            name, overrides, _ = {**SMALL, **FULL}[key]
+            model = build(name, overrides)
+            graph, result = export_onnx_bytes(model, source_sha256="f" * 64)
+            session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+            cache[key] = (model, graph, result, session)
+        return cache[key]
+    return get
+
+
+def run_both(model, session, x: torch.Tensor):
+    with torch.no_grad():
+        eager = model(x).numpy()  # the eager path users run, fast paths included
+    return session.run(None, {"image": x.numpy()})[0], eager
+
+
+def check_family(exported, key: str) -> None:
+    model, graph, result, session = exported(key)
+    assert foreign_ops(onnx.load_from_string(graph)) == []
+    h, w = model.data_config.img_size
+    for batch in (1, 3):
+        out, eager = run_both(model, session, torch.randn(batch, model.arch.in_chans, h, w))
+        np.testing.assert_allclose(out, eager, atol=1e-4, rtol=0)
+    # A second size from the same file: the right logits, or a refusal by the graph itself.
+    second = {**SMALL, **FULL}[key][2]
+    x = torch.randn(2, model.arch.in_chans, *second)
+    if result.metadata.size_multiple == 0:
+        with pytest.raises(Exception, match="(?i)invalid dimensions"):
+            run_both(model, session, x)
+    else:
+        out, eager = run_both(model, session, x)
+        np.testing.assert_allclose(out, eager, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+def test_onnxruntime_matches_eager_for_every_family(exported, key):
+    check_family(exported, key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(FULL))
+def test_onnxruntime_matches_eager_full_size(exported, key):
+    check_family(exported, key)
+
+
+def test_vit_and_swin_sizes_are_dynamic_and_recorded(exported):
+    """ViT: multiples of the patch; Swin: any size whose shifted stages keep maps larger
+    than the window (4 px patches x 4 (third stage) x window 7, plus one)."""
+    assert read_meta(exported("vit_b16_224")).size_multiple == 16
+    assert read_meta(exported("r50_hybrid")).size_multiple == 16  # SAME padding in the graph
+    swin = read_meta(exported("swin_t_224"))
+    assert (swin.size_multiple, swin.min_size) == (1, 4 * 4 * 7 + 1)
+    assert size_rule(exported("swin_b_w12_384")[0]) == (1, 4 * 1 * 12 + 1)  # stage 1 shifts
+    assert size_rule(exported("swin_fmnist")[0]) == (1, 4 * 4 + 1)
+
+
+def read_meta(entry):
+    return entry[2].metadata
+
+
+def test_swin_graph_computes_its_window_layout_for_the_input(exported):
+    """The trap the size rule guards: a graph holding one size's gathers and mask would
+    break at another; ours follows the input, even for a size never traced (odd, padded)."""
+    model, _, _, session = exported("swin_fmnist")
+    for size in ((17, 60), (92, 92)):
+        out, eager = run_both(model, session, torch.randn(1, 1, *size))
+        np.testing.assert_allclose(out, eager, atol=1e-4, rtol=0)
+
+
+def test_onnx_classifier_refuses_unsupported_sizes(exported, tmp_path):
+    _, graph, _, _ = exported("swin_fmnist")
+    (tmp_path / "m.onnx").write_bytes(graph)
+    classifier = load_classifier(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="at least 17"):
+        classifier(torch.zeros(1, 1, 16, 40))
+    _, graph, _, _ = exported("vit_b16_224")
+    (tmp_path / "v.onnx").write_bytes(graph)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        load_classifier(tmp_path / "v.onnx")(torch.zeros(1, 3, 224, 230))
+
+
+def small_fmnist_vit() -> torch.nn.Module:
+    """A ViT for the bundled 28x28 grey-level Fashion-MNIST sample: 16 tokens of 64."""
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=28, in_chans=1, num_classes=10,
+                         patch_size=7, embed_dim=64, depth=1, num_heads=4)
+    model.data_config = replace(model.data_config, mean=(0.286,) * 3, std=(0.353,) * 3,
+                                crop_pct=1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def fmnist_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fmnist") / "small.safetensors"
+    save_checkpoint(small_fmnist_vit(), path, classes=FMNIST_CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """The small ViT trained for three epochs on the sample's 2,500 training images (about
+    54% test top-1): int8 must keep the answers of a model with real, uneven margins."""
+    model = small_fmnist_vit()
+    transform = module_classifier(model).transform
+    images = find_images([MINI / "train"])[0]
+    x = torch.stack([transform(load_rgb(p)) for p in images])
+    y = torch.tensor([FMNIST_CLASSES.index(p.parent.name) for p in images])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(3):
+        for batch in torch.randperm(len(x)).split(100):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    path = tmp_path_factory.mktemp("fmnist") / "trained.safetensors"
+    save_checkpoint(model.eval(), path, classes=FMNIST_CLASSES)
+    return path
+
+
+def test_export_cli_metadata_and_overwrite(fmnist_checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(fmnist_checkpoint), "--out", str(out)]) == 0
+    assert "image sizes: heights and widths >= 7, multiples of 7" in capsys.readouterr().out
+    meta = read_onnx_metadata(out)
+    source = load_classifier(fmnist_checkpoint, dtype="fp32")
+    assert (meta.name, meta.classes, meta.data_config, meta.in_chans) == (
+        source.name, source.classes, source.data_config, source.in_chans)
+    assert meta.source_sha256 == file_sha256(fmnist_checkpoint)
+    before = out.read_bytes()
+    assert main(["export", str(fmnist_checkpoint), "--out", str(out)]) == 2
+    assert "exists; choose another --out or pass --force" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert main(["export", str(fmnist_checkpoint), "--out", str(out), "--force"]) == 0
+
+
+def test_predict_onnx_prints_what_predict_safetensors_prints(fmnist_checkpoint, tmp_path,
+                                                             capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(fmnist_checkpoint), "--out", str(out)]) == 0
+    folder = str(MINI / "test" / "Bag")
+    capsys.readouterr()
+    outputs = []
+    for args in ([str(out)], [str(fmnist_checkpoint), "--dtype", "fp32"],
+                 [str(fmnist_checkpoint), "--backend", "onnx"]):
+        assert main(["predict", *args, folder, "--topk", "3"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0].count("\n") == 50 and outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.slow
+def test_int8_agrees_with_fp32_and_is_smaller(trained_checkpoint, tmp_path, capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(trained_checkpoint), "--out", str(out), "--int8",
+                 "--data", str(MINI / "test")]) == 0
+    printed = capsys.readouterr().out
+    int8 = tmp_path / "model.int8.onnx"
+    assert f"wrote {int8}" in printed and printed.count("top-1 on") == 2
+    assert read_onnx_metadata(int8).quantization == "int8-dynamic-per-channel"
+    assert int8.stat().st_size < 0.5 * out.stat().st_size
+    images, _ = find_images([MINI / "test"])
+    fp32, _ = predict_images(load_classifier(out), images, topk=1)
+    q, _ = predict_images(load_classifier(int8), images, topk=1)
+    agree = np.mean([a.topk[0][0] == b.topk[0][0] for a, b in zip(fp32, q, strict=True)])
+    assert agree >= 0.99
+    with pytest.raises(FileExistsError):
+        quantize_int8(out, int8)

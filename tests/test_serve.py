@@ -405,3 +405,20 @@ def test_load_8_clients_x_50_requests_on_a_real_server_no_errors_no_mix_ups(clas
     singles = _count(batches, "vistra_batch_size_bucket", le="1.0")
     assert _count(batches, "vistra_batch_size_sum") == 400
     assert singles < total, "no request was batched with another"
+
+
+def test_an_exported_onnx_model_is_served_with_the_checkpoints_answers(classifier, tmp_path):
+    from vistra.export import export_checkpoint
+
+    onnx_path = tmp_path / "tiny.onnx"
+    export_checkpoint(classifier.source, onnx_path)
+    onnx_classifier = load_classifier(onnx_path)
+    assert onnx_classifier.backend == "onnx"
+    path = fashion_images(1)[0]
+    expected = _expected(classifier, path)
+    with _client(onnx_classifier) as client:
+        model = client.get("/v1/model").json()
+        assert model["backend"] == "onnx" and model["classes"] == CLASSES
+        body = client.post("/v1/predict?topk=10", content=path.read_bytes()).json()
+    got = {c["class"]: c["probability"] for c in body["classes"]}
+    assert [got[name] for name in CLASSES] == pytest.approx(expected, abs=1e-4)

@@ -4,8 +4,8 @@ random order, the rank correlation with a re-initialised model's maps (Adebayo e
 2018), seconds per image, Grad-CAM's layer compared stage by stage, and a figure of a few
 test images with their maps. Writes explain.md, explain.json and explain.png beside itself.
 
-    python benchmarks/explain.py --vit /work/runs/fm_vit/best.safetensors \\
-        --swin /work/runs/fm_swin/best.safetensors --data /work/data/fashion_mnist/test
+    python benchmarks/explain.py --vit runs/fm_vit/best.safetensors \\
+        --swin runs/fm_swin/best.safetensors --data data/fashion_mnist/test
     python benchmarks/explain.py --vit V --swin S --data src/vistra/assets/fashion_mnist_mini \\
         --limit 20 --out /tmp/explain-check      # a quick check of the script itself
 """

@@ -5,8 +5,8 @@ photos against the model-only rate; and the int8 top-1 check on Fashion-MNIST. P
 tables and writes benchmarks/inference.md.
 
     python benchmarks/inference.py \\
-        --fm-checkpoints /work/runs/fm_vit/best.safetensors /work/runs/fm_swin/best.safetensors \\
-        --fm-test /work/data/fashion_mnist/test
+        --fm-checkpoints runs/fm_vit/best.safetensors runs/fm_swin/best.safetensors \\
+        --fm-test data/fashion_mnist/test
     python benchmarks/inference.py --tiny     # a check that the script runs (~1 min)
 """
 

@@ -353,8 +353,9 @@ class _Service:
         # On the model thread: explanations hook into the model, which must not overlap a batch.
         heat = await asyncio.wrap_future(self.batcher.call(lambda: explain(model, image,
                                                                            method=method)))
+        # No caption: the page shows the class, and on a small image it would be unreadable.
         png = await asyncio.get_running_loop().run_in_executor(
-            self.pool, _png_base64, lambda: overlay(image, heat))
+            self.pool, _png_base64, lambda: overlay(image, heat, caption=False))
         return {"method": heat.method, "target": int(heat.target),
                 "label": heat.label if heat.label is not None else self.label(int(heat.target)),
                 "probability": float(heat.probability), "overlay_png": png}
@@ -447,10 +448,12 @@ def _explain_support(classifier: Classifier, settings: ServeSettings
         return [], (f"the {classifier.backend} backend has no PyTorch module to explain; "
                     "serve the .safetensors checkpoint instead")
     try:
-        from vistra.explain import methods_for
+        from vistra.explain import default_method, methods_for
     except ImportError as error:
         return [], f"vistra.explain cannot be imported ({error})"
-    methods = list(methods_for(classifier.model))
+    # The family's default first: the page offers the first one.
+    methods = sorted(methods_for(classifier.model),
+                     key=lambda m: m != default_method(classifier.model))
     return methods, None if methods else f"no explain method supports {classifier.name}"
 
 

@@ -108,8 +108,8 @@ def run_evaluation(model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     k = min(5, num_classes)
     for images, targets in loader:
-        images, targets = images.to(device), targets.to(device)
-        log_probs = predict_log_probs(model, images, flip, bf16)
+        log_probs = predict_log_probs(model, images.to(device), flip, bf16)
+        targets = targets.to(log_probs.device)  # a Classifier answers on the CPU
         loss_sum += float(F.nll_loss(log_probs, targets, reduction="sum"))
         top5 += int((log_probs.topk(k, dim=1).indices == targets[:, None]).any(1).sum())
         pairs = (targets * num_classes + log_probs.argmax(1)).cpu()

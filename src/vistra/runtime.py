@@ -52,9 +52,10 @@ class Classifier:
         return self.run(batch)
 
     @property
-    def checkpoint_hash(self) -> str:
-        """SHA-256 of the file it was loaded from (computed once, on first use)."""
-        if self._sha256 is None:
+    def checkpoint_hash(self) -> str | None:
+        """SHA-256 of the file it was loaded from (computed once, on first use); None for a
+        model given in memory."""
+        if self._sha256 is None and self.source.is_file():
             self._sha256 = file_sha256(self.source)
         return self._sha256
 

@@ -55,8 +55,8 @@ def error_message(err: Exception) -> str | None:
         return (f"a checkpoint's weights do not fit the model it describes ({detail[:300]}); "
                 "it was edited, or written by another version of vistra")
     if isinstance(err, PermissionError):
-        return (f"{err.filename}: permission denied; check that you may read (inputs) or write "
-                "(outputs) there, or choose another path")
+        return (f"{err.filename or err}: permission denied; check that you may read (inputs) or "
+                "write (outputs) there, or choose another path")
     if isinstance(err, (ValueError, FloatingPointError, PeerError)):
         text = str(err)
     elif isinstance(err, OSError):  # FileNotFoundError, FileExistsError, a full disk...

@@ -166,7 +166,7 @@ def list_files(folders: Sequence[Path]) -> tuple[dict[Path, list[Path]], dict[Pa
             kept[file_id] = links, path
     files = {folder: sorted(path for _, path, _ in walk) for folder, walk in walks.items()}
     duplicates = {path: kept[file_id][1] for walk in walks.values()
-                  for _, path, file_id in walk if path is not kept[file_id][1]}
+                  for _, path, file_id in walk if path != kept[file_id][1]}
     return files, duplicates
 
 

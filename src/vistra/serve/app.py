@@ -51,6 +51,7 @@ from vistra.serve.settings import ServeSettings
 log = logging.getLogger("vistra.serve")
 
 MAX_BATCH_FILES = 64  # files in one /v1/predict/batch request
+EXPLAIN_MAX_SIDE = 1024  # heat maps are drawn on the upload shrunk to fit this many pixels
 PAGE_FILES = {"index.html": "text/html; charset=utf-8",
               "app.js": "text/javascript; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
@@ -342,17 +343,21 @@ class _Service:
             "classes": [{"class": self.label(i), "probability": p}
                         for p, i in zip(values.tolist(), indices.tolist(), strict=True)]}
         if explain_method is not None:
-            result["explanation"] = await self.explain(image, explain_method)
+            # The map is drawn at the image's size: cap it, so a 40-megapixel upload does not
+            # cost gigabytes of float maps and colour layers (the model sees its crop anyway).
+            image.thumbnail((EXPLAIN_MAX_SIDE, EXPLAIN_MAX_SIDE))
+            result["explanation"] = await self.explain(image, explain_method,
+                                                       target=int(indices[0]))
         result["ms"] = round((time.perf_counter() - start) * 1000, 3)
         return result
 
-    async def explain(self, image: Image.Image, method: str) -> dict:
+    async def explain(self, image: Image.Image, method: str, target: int | None = None) -> dict:
         from vistra.explain import explain, overlay
 
         model = self.classifier.model
         # On the model thread: explanations hook into the model, which must not overlap a batch.
-        heat = await asyncio.wrap_future(self.batcher.call(lambda: explain(model, image,
-                                                                           method=method)))
+        job = self.batcher.call(lambda: explain(model, image, method=method, target=target))
+        heat = await asyncio.wrap_future(job)
         # No caption: the page shows the class, and on a small image it would be unreadable.
         png = await asyncio.get_running_loop().run_in_executor(
             self.pool, _png_base64, lambda: overlay(image, heat, caption=False))

@@ -132,3 +132,13 @@ def test_third_party_weights_with_infinity_are_refused_naming_the_tensor(tmp_pat
 def test_finite_weights_load_as_before(tmp_path):
     path = constant_checkpoint(tmp_path / "m.safetensors", ["a", "b"], "b")
     assert load_checkpoint(path).classes == ["a", "b"]
+
+
+def test_metadata_naming_an_unknown_model_family_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "edited.safetensors"
+    save_checkpoint(vistra.create_model("vit_fmnist", num_classes=3), path, classes=["a", "b", "c"])
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={**metadata, "family": "nope", "model_name": "nope"})
+    with pytest.raises(ValueError, match=r"edited\.safetensors was refused.*unknown model family"):
+        load_checkpoint(path)

@@ -105,7 +105,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         with _AllocationBudget(weights + _BUILD_ALLOWANCE, lambda what: _refusal(path, what)):
             model = build_from_arch(meta["model_name"], arch, meta["family"])
-    except (TypeError, RuntimeError, OverflowError) as err:
+    except _Refused:
+        raise
+    except (ValueError, TypeError, RuntimeError, OverflowError) as err:  # unknown name, option
         raise _refusal(path, f"a model vistra cannot build ({err})") from err
     declared = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
     if declared != shapes:
@@ -141,9 +143,13 @@ def _stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
+class _Refused(ValueError):
+    """A checkpoint refused for what its metadata declares (the message names the file)."""
+
+
 def _refusal(path: Path, what: str) -> ValueError:
-    return ValueError(f"{path} was refused: its metadata declares {what}; the file is corrupt "
-                      f"or was edited, use another copy of the checkpoint")
+    return _Refused(f"{path} was refused: its metadata declares {what}; the file is corrupt "
+                    f"or was edited, use another copy of the checkpoint")
 
 
 def _check_declared_numbers(path: Path, arch: dict, data: DataConfig,

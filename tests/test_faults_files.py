@@ -326,3 +326,19 @@ def test_run_files_are_json_and_yaml_written_whole(finished_run):
     assert json.loads((run_dir / "class_indices.json").read_text()) == {
         "0": "blue", "1": "green", "2": "red"}
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_new_file_is_written_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    from vistra.fileio import atomic_write_bytes
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted", str(dst))
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "out.bin"
+    atomic_write_bytes(target, b"new", replace=False)
+    assert target.read_bytes() == b"new"
+    with pytest.raises(FileExistsError, match="out.bin"):
+        atomic_write_bytes(target, b"other", replace=False)
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]  # no temporary left

@@ -41,7 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *,
             os.replace(tmp, path)
         else:
             try:
-                os.link(tmp, path)
+                _claim(tmp, path)
             except FileExistsError:
                 raise FileExistsError(f"{path} already exists; vistra does not replace "
                                       "existing files: move it away or choose another "
@@ -50,6 +50,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *,
         tmp.unlink(missing_ok=True)
     _sync_dir(path.parent)
     return path
+
+
+def _claim(tmp: Path, path: Path) -> None:
+    """Give `tmp` the name `path` unless `path` exists, in one step: a hard link. Where the
+    file system has no hard links (vfat, exFAT, some network mounts), the name is claimed
+    with O_EXCL and then replaced: a crash in between leaves an empty file, never a torn one
+    and never a replaced one."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE))
+        os.replace(tmp, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, replace: bool = True) -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vistra.fileio import atomic_write_bytes
 from vistra.models import DataConfig, SwinTransformer, fastpath
 
 DEFAULT_OPSET = 17
@@ -223,24 +224,12 @@ def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
 
 
 def write_new(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
-    """Write `data` to `path` atomically (a temporary file renamed into place); an existing
-    file is replaced only with `force`."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; choose another --out or pass --force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to `path` atomically (vistra.fileio); an existing file is replaced only
+    with `force`."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return atomic_write_bytes(path, data, replace=force)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; choose another --out or pass --force") from None
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,

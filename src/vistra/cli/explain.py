@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,8 @@ from vistra.data import ImageLoadError, load_rgb
 from vistra.explain import METHODS, default_method, explain, methods_for, overlay
 from vistra.explain.faithfulness import evaluate, load_labelled
 from vistra.explain.render import grid
+from vistra.fileio import atomic_write_bytes, atomic_write_text
+from vistra.output import to_json
 from vistra.predict import find_images
 from vistra.weights import load_checkpoint
 
@@ -166,17 +165,6 @@ def _check_outputs(out: Path, names: list[str], inputs: list[Path], force: bool)
                              "another --out")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -216,10 +204,10 @@ def explain_files(model: torch.nn.Module, inputs: list[str], methods: list[str],
                             for m in methods]
             for e in explanations:
                 name = f"{stem}{rank}.{e.method}"
-                _write_atomic(out / f"{name}.png", _png(overlay(image, e)))
-                _write_atomic(out / f"{name}.npy", _npy(e.map.numpy()))
+                atomic_write_bytes(out / f"{name}.png", _png(overlay(image, e)))
+                atomic_write_bytes(out / f"{name}.npy", _npy(e.map.numpy()))
             if with_grid:
-                _write_atomic(out / f"{stem}{rank}.grid.png", _png(grid(image, explanations)))
+                atomic_write_bytes(out / f"{stem}{rank}.grid.png", _png(grid(image, explanations)))
             e = explanations[0]
             print(f"{path}: {e.label or e.target} {100 * e.probability:.1f}% -> "
                   f"{out / stem}{rank}.{{{','.join(methods)}}}.png")
@@ -249,6 +237,6 @@ def evaluate_folder(model: torch.nn.Module, data: Path, methods: list[str], out:
     result = report.to_dict()
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "faithfulness.json", json.dumps(result, indent=2).encode())
+        atomic_write_text(out / "faithfulness.json", to_json(result, indent=2))
         print(f"written {out / 'faithfulness.json'}", file=sys.stderr)
     return result

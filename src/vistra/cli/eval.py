@@ -11,7 +11,7 @@ from vistra.cli.inference import add_runtime_options, report_dtype
 from vistra.evaluate import EvalReport, EvalTotals, evaluate_checkpoint
 from vistra.output import to_json
 from vistra.runtime import resolve_dtype
-from vistra.train.distributed import all_reduce_sum, close_distributed, init_distributed
+from vistra.train.distributed import all_reduce_sum, init_distributed, process_group
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
-    try:
+    with process_group(ctx):
         backend = args.backend
         if backend == "auto":
             backend = "onnx" if Path(args.checkpoint).suffix.lower() == ".onnx" else "torch"
@@ -59,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
             summed = all_reduce_sum(report.totals.as_tensor(), ctx)
             report = EvalReport(report.classes,
                                 EvalTotals.from_tensor(summed, len(report.classes)))
-    finally:
-        close_distributed(ctx)
     if not ctx.is_main:
         return 0
     report_dtype(dtype, backend, args.dtype)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from vistra.cli.inference import add_runtime_options, report_dtype
 from vistra.predict import FORMATS, annotate_all, find_images, format_predictions, iter_predictions
 from vistra.runtime import load_classifier
-from vistra.train.distributed import close_distributed, init_distributed
+from vistra.train.distributed import init_distributed, process_group
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError(f"--topk must be 1 or more, got {args.topk}")
     ctx = init_distributed(args.device)
-    try:
+    with process_group(ctx):
         classifier = load_classifier(args.checkpoint, str(ctx.device), backend=args.backend,
                                      dtype=args.dtype)
         if ctx.is_main:
@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
             gathered: list = [None] * ctx.world_size
             dist.all_gather_object(gathered, results)
             results = sorted((r for part in gathered for r in part), key=lambda r: r[0])
-    finally:
-        close_distributed(ctx)
     predictions = [r for _, r in results if not isinstance(r, tuple)]
     failed += [r for _, r in results if isinstance(r, tuple)]
     if not ctx.is_main:

@@ -10,8 +10,10 @@ stops the rest).
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -71,8 +73,15 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 def close_distributed(ctx: DistContext, failed: bool = False) -> None:
     """Leave the process group; after a failure, leave it to the process's exit, as the
-    others may still wait in a collective that this one will never join."""
+    others may still wait in a collective that this one will never join.
+
+    Normally all ranks leave together (a barrier first), after the objects holding the group
+    (DDP's reducer) are freed: a rank tearing its group down while rank 0 still writes the
+    run's files, with a reducer alive, was seen to abort at exit under gloo ("terminate called
+    without an active exception")."""
     if ctx.distributed and dist.is_initialized() and not failed:
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -113,3 +122,20 @@ def broadcast_from_main(obj, ctx: DistContext):
     dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.device.type == "cuda"
                                else None)
     return box[0]
+
+
+@contextmanager
+def process_group(ctx: DistContext) -> Iterator[None]:
+    """Leave the process group at the end; after an error on this rank, at once (the others
+    then stop too). A rank whose peer failed says so rather than showing the transport's
+    error: the failed rank's own message is the one to read."""
+    try:
+        yield
+    except BaseException as err:
+        close_distributed(ctx, failed=True)
+        if ctx.distributed and not isinstance(err, PeerError) and (
+                isinstance(err, dist.DistError) or "closed by peer" in str(err)):
+            raise PeerError("another process of this torchrun run failed; its message says "
+                            "why") from err
+        raise
+    close_distributed(ctx)

@@ -17,14 +17,12 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
@@ -50,12 +48,11 @@ from .config import TrainConfig, config_from_dict
 from .data import build_loaders, draw_seed
 from .distributed import (
     DistContext,
-    PeerError,
     all_reduce_sum,
     broadcast_from_main,
-    close_distributed,
     init_distributed,
     on_main,
+    process_group,
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
@@ -90,7 +87,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train `cfg.model` on the image folder `cfg.data`; see TrainConfig for every option."""
     cfg.require_inputs()
     ctx = init_distributed(cfg.device)
-    with _process_group(ctx), ExitStack() as held:
+    with process_group(ctx), ExitStack() as held:
         # rank 0 holds the run directory's lock until this returns or the process ends
         run_dir = on_main(lambda: held.enter_context(locked_run_dir(_new_run_dir(cfg), new=True)),
                           ctx)
@@ -111,7 +108,7 @@ def resume(run_dir: str | Path, device: str | None = None, **overrides) -> Train
                          f"{', '.join(_flags(RESUME_OVERRIDES))}")
     run_dir = Path(run_dir)
     ctx = init_distributed(device)
-    with _process_group(ctx), ExitStack() as held:
+    with process_group(ctx), ExitStack() as held:
         def load() -> dict:
             held.enter_context(locked_run_dir(run_dir, new=False))
             return load_training_state(run_dir / LAST)
@@ -124,23 +121,6 @@ def resume(run_dir: str | Path, device: str | None = None, **overrides) -> Train
 
 def _flags(names) -> list[str]:
     return ["--" + name.replace("_", "-") for name in names]
-
-
-@contextmanager
-def _process_group(ctx: DistContext) -> Iterator[None]:
-    """Leave the process group at the end; after an error on this rank, at once (the others
-    then stop too). A rank whose peer failed says so rather than showing the transport's
-    error: the failed rank's own message is the one to read."""
-    try:
-        yield
-    except BaseException as err:
-        close_distributed(ctx, failed=True)
-        if ctx.distributed and not isinstance(err, PeerError) and (
-                isinstance(err, dist.DistError) or "closed by peer" in str(err)):
-            raise PeerError("another process of this torchrun run failed; its message says "
-                            "why") from err
-        raise
-    close_distributed(ctx)
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:

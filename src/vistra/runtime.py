@@ -2,7 +2,7 @@
 preprocessing it needs, behind one small interface shared by predict, eval and serve.
 
 `load_classifier(path)` picks the backend from the file: a vistra .safetensors runs in
-PyTorch eager mode (fp32, or bf16 autocast where the CPU has bf16 arithmetic), an .onnx file
+PyTorch eager mode (fp32, or bf16 where the CPU has bf16 arithmetic), an .onnx file
 written by `vistra export` in onnxruntime, with the preprocessing its metadata records.
 """
 
@@ -46,7 +46,7 @@ class Classifier:
     run: Callable[[torch.Tensor], torch.Tensor]
     model: torch.nn.Module | None = None  # the PyTorch module, when the backend has one
     _sha256: str | None = None
-    dtype: str = "fp32"  # what the backend computes in: fp32, bf16 (autocast) or int8
+    dtype: str = "fp32"  # what the backend computes in: fp32, bf16 or int8
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -65,7 +65,7 @@ DTYPES = ("auto", "fp32", "bf16")
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 autocast pays;
+    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 pays;
     elsewhere it is emulated and slower than fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -91,18 +91,20 @@ def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:
 def torch_classifier(path: str | os.PathLike, device: str = "cpu",
                      dtype: str = "fp32") -> Classifier:
     """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads);
-    dtype bf16 runs under bf16 autocast, logits come back in fp32."""
+    dtype bf16 casts the model to bf16 once (vistra.models.bf16), logits come back in fp32."""
     from vistra.evaluate import eval_transform, mean_logits
+    from vistra.models.bf16 import to_bf16_inference
     from vistra.weights import load_checkpoint
 
     model = load_checkpoint(path, device=device).eval()
     dev = torch.device(device)
-    bf16 = dtype == "bf16"
+    compute = torch.float32
+    if dtype == "bf16":
+        model, compute = to_bf16_inference(model), torch.bfloat16
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            return mean_logits(model(batch.to(dev))).float().cpu()
+        return mean_logits(model(batch.to(dev, compute))).float().cpu()
 
     return Classifier(model.name, model.classes, model.data_config, model.arch.in_chans,
                       Path(path), "torch", eval_transform(model), run, model=model, dtype=dtype)

@@ -37,14 +37,57 @@ def attention(
     """
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    if not (need_weights or (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
+    grad = torch.is_grad_enabled()
+    if not need_weights and _explicit_is_faster(q):
+        if grad and bias is None and not dropout_p:
+            return _RecomputedAttention.apply(q, k, v, scale), None
+        need_weights = not grad  # inference: the explicit path below, in place
+    if not (need_weights or (bias is not None and bias.requires_grad and grad)):
         return _fused_attention(q, k, v, bias, scale, dropout_p), None
     weights = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
-        weights = weights + bias
+        weights = weights + bias if grad else weights.add_(bias)
     weights = weights.softmax(dim=-1)
     out = F.dropout(weights, dropout_p) @ v if dropout_p else weights @ v
     return out, weights if need_weights else None
+
+
+def _explicit_is_faster(q: torch.Tensor) -> bool:
+    """In bf16 on CPU, SDPA's flash kernel takes 1.6-2.4x the time of the explicit products
+    (matmul, softmax, matmul), forward or backward, for every shape vistra's models use, from
+    Swin's 49-token windows to ViT at 577 tokens; in fp32 the two are even
+    (benchmarks/bf16.md). So bf16 on CPU (a bf16 model, or autocast) takes the explicit path."""
+    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and fastpath.enabled()
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v for training that saves only q, k and v and recomputes the
+    probabilities in backward, as flash attention does: the explicit products' speed without
+    keeping a [B, heads, N, N] matrix per block until backward (ViT-S/16 at batch 16: 85 MB
+    more than SDPA otherwise, benchmarks/bf16.md)."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        return _probabilities(q, k, scale) @ v
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v = ctx.saved_tensors
+        probs = _probabilities(q, k, ctx.scale)
+        grad_v = probs.transpose(-2, -1) @ grad_out
+        grad_probs = grad_out @ v.transpose(-2, -1)
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_scores = grad_scores.mul_(ctx.scale)
+        return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, grad_v, None
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1)
 
 
 def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -113,16 +156,22 @@ def tracing() -> bool:
 
 # oneDNN's linear adds the bias, and optionally GELU, inside the GEMM; addmm first writes the
 # bias into the whole output in a separate pass, and GELU is one more. On CPU in fp32 that is
-# 17% (27% with GELU) less time for Swin-T's layers; in bf16 no gain (benchmarks/README.md).
+# 17% (27% with GELU) less time for Swin-T's layers (benchmarks/README.md); in bf16, with the
+# weight kept in oneDNN's own blocked layout, 5-30% per layer (benchmarks/bf16.md).
 _fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_pack_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+_FUSED_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if torch.backends.mkldnn.is_available()
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused CPU linear serves eager fp32 inference with the fast paths on: it has no
-    autograd formula, under autocast the ordinary path is the one that casts to bf16, and
-    tracers (export, torch.compile) need standard operators (`fastpath.enabled`)."""
-    return (_fused_linear is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    """The fused CPU linear serves eager inference with the fast paths on, in fp32, or in bf16
+    with bf16 weights (a model cast once: vistra.models.bf16): it has no autograd formula,
+    under autocast the ordinary path is the one that casts to bf16, and tracers (export,
+    torch.compile) need standard operators (`fastpath.enabled`)."""
+    return (_fused_linear is not None and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
+            and weight.dtype == x.dtype and not torch.is_autocast_enabled("cpu")
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and fastpath.enabled())
 
@@ -139,11 +188,36 @@ def hooked(*modules: nn.Module) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state-dict keys) taking oneDNN's fused-bias GEMM
-    when `fused_linear_applies`."""
+    when `fused_linear_applies`.
+
+    With `packing` set (vistra.models.bf16 sets it), a bf16 weight is also kept in oneDNN's
+    blocked layout, made on the first call (sized for that call's rows) and used while the
+    weight is the same tensor at the same version: an in-place change (load_state_dict, an
+    optimizer step) or a cast drops it. A write through `.data` is not seen."""
+
+    packing: bool = False
+    _packed: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, version, packed)
+
+    def gemm_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight for the fused GEMM of `x`: the packed copy where there is one."""
+        w = self.weight
+        if not (self.packing and x.dtype == torch.bfloat16 and _pack_weight is not None):
+            return w
+        packed = self._packed
+        if packed is None or packed[0] is not w or packed[1] != w._version:
+            rows = x.numel() // x.shape[-1]
+            with torch.inference_mode(False), torch.no_grad():
+                packed = w, w._version, _pack_weight(w.detach(), rows)
+            self._packed = packed
+        return packed[2]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = None
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_linear_applies(x, self.weight):
-            return _fused_linear(x, self.weight, self.bias, "none", [], "")
+            return _fused_linear(x, self.gemm_weight(x), self.bias, "none", [], "")
         return super().forward(x)
 
 
@@ -162,7 +236,7 @@ class Mlp(nn.Module):
         # fc1 and GELU as one oneDNN call, unless someone hooks fc1 or act to watch them.
         if (fused_linear_applies(x, self.fc1.weight) and self.act.approximate == "none"
                 and not hooked(self.fc1, self.act)):
-            x = _fused_linear(x, self.fc1.weight, self.fc1.bias, "gelu", [], "none")
+            x = _fused_linear(x, self.fc1.gemm_weight(x), self.fc1.bias, "gelu", [], "none")
         else:
             x = self.act(self.fc1(x))
         return self.drop2(self.fc2(self.drop1(x)))

@@ -23,7 +23,8 @@ def to_bf16_inference(model: nn.Module) -> nn.Module:
     layers keep a packed copy of their weights from their first call (see Linear). Feed it
     bf16 images; its logits are bf16."""
     model.eval().requires_grad_(False)
-    model.to(torch.bfloat16)
+    with torch.inference_mode(False):  # ordinary tensors, whose versions Linear watches
+        model.to(torch.bfloat16)
     for module in model.modules():
         if isinstance(module, Linear):
             module.packing = True

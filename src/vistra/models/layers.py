@@ -38,11 +38,12 @@ def attention(
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     grad = torch.is_grad_enabled()
-    if not need_weights and _explicit_is_faster(q):
+    explicit = need_weights or (bias is not None and bias.requires_grad and grad)
+    if not explicit and _explicit_is_faster(q):
         if grad and bias is None and not dropout_p:
             return _RecomputedAttention.apply(q, k, v, scale), None
-        need_weights = not grad  # inference: the explicit path below, in place
-    if not (need_weights or (bias is not None and bias.requires_grad and grad)):
+        explicit = not grad  # inference: the explicit path below, in place
+    if not explicit:
         return _fused_attention(q, k, v, bias, scale, dropout_p), None
     weights = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
@@ -203,11 +204,15 @@ class Linear(nn.Linear):
         w = self.weight
         if not (self.packing and x.dtype == torch.bfloat16 and _pack_weight is not None):
             return w
+        try:
+            version = w._version
+        except RuntimeError:  # made under inference_mode: no version to watch, so no copy
+            return w
         packed = self._packed
-        if packed is None or packed[0] is not w or packed[1] != w._version:
+        if packed is None or packed[0] is not w or packed[1] != version:
             rows = x.numel() // x.shape[-1]
             with torch.inference_mode(False), torch.no_grad():
-                packed = w, w._version, _pack_weight(w.detach(), rows)
+                packed = w, version, _pack_weight(w.detach(), rows)
             self._packed = packed
         return packed[2]
 

@@ -3,6 +3,8 @@ their location on a task with a known answer, and the files the command writes."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -270,9 +272,13 @@ def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: in
     return x, present.float()
 
 
-def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
+def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float, warmup: int = 0) -> None:
+    """Multi-label training on `quadrant_squares`; warmup > 0: the rate rises linearly over
+    `warmup` steps and then falls to 0 on a cosine, else it stays at lr."""
     x, y = quadrant_squares(3000, 0, single=False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (
+        min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)) if warmup else 1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     try:
@@ -284,6 +290,7 @@ def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -310,5 +317,19 @@ def test_gradcam_finds_the_square_on_a_swin_trained_in_seconds():
                                        window_size=4, conv_stem=(16, 32)))
     train_on_quadrants(model, steps=300, lr=1e-3)
     accuracy, hits = quadrant_hits(model, "gradcam")
+    assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
+    assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"
+
+
+@pytest.mark.slow
+def test_grad_rollout_finds_the_square_on_a_vit_trained_in_seconds():
+    """64 tokens, trained until the loss is ~0.01: over three model seeds and three data
+    seeds the maps found the square for 92.5-100% of held-out images. Shorter schedules,
+    16 tokens or a conv stem gave 42-100% depending on the seed (docs/explain.md)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=4, in_chans=1, num_classes=4,
+                                        embed_dim=48, depth=2, num_heads=4))
+    train_on_quadrants(model, steps=1500, lr=1e-3, warmup=100)
+    accuracy, hits = quadrant_hits(model, "grad-rollout")
     assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
     assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"

@@ -3,6 +3,8 @@ their location on a task with a known answer, and the files the command writes."
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -70,18 +72,21 @@ def manual_vit(model: VisionTransformer, x: torch.Tensor):
 
 
 def reference_map(model, relevance: torch.Tensor) -> torch.Tensor:
-    """[N, N] relevance of one image -> the prefix tokens' mean row over the patches,
-    upsampled to the 16x16 input (4x4 grid of 4-pixel patches), scaled to [0, 1]."""
+    """[N, N] relevance of one image -> the prefix tokens' mean row over the patches, laid
+    out as the patch conv's rows of 4-pixel patches, upsampled to the input as the authors'
+    notebook does (bilinear, scale 4), scaled to [0, 1]."""
     p = 2 if model.cfg.distilled else 1
-    grid = relevance[:p, p:].mean(0).view(1, 1, 4, 4)
-    up = F.interpolate(grid, size=(16, 16), mode="bilinear")[0, 0]
+    h, w = model.img_size
+    grid = relevance[:p, p:].mean(0).view(1, 1, h // 4, w // 4)
+    up = F.interpolate(grid, scale_factor=4, mode="bilinear")[0, 0]
     return (up - up.min()) / (up.max() - up.min())
 
 
-@pytest.mark.parametrize("distilled", [True, False])
-def test_rollout_and_grad_rollout_equal_references_built_from_the_papers(distilled):
-    model = tiny_vit(distilled)
-    x = torch.randn(2, 3, 16, 16)
+@pytest.mark.parametrize("distilled,size", [(True, 16), (False, 16), (False, (16, 24))])
+def test_rollout_and_grad_rollout_equal_references_built_from_the_papers(distilled, size):
+    """A non-square input too: a grid read as (width, height) passes on a square one."""
+    model = tiny_vit(distilled, img_size=size)
+    x = torch.randn(2, 3, *model.img_size)
     logits, attentions = manual_vit(model, x)
     assert torch.allclose(logits, model(x), atol=1e-4)
     target = torch.tensor([1, 3])
@@ -267,9 +272,13 @@ def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: in
     return x, present.float()
 
 
-def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
+def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float, warmup: int = 0) -> None:
+    """Multi-label training on `quadrant_squares`; warmup > 0: the rate rises linearly over
+    `warmup` steps and then falls to 0 on a cosine, else it stays at lr."""
     x, y = quadrant_squares(3000, 0, single=False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (
+        min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)) if warmup else 1))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     try:
@@ -281,6 +290,7 @@ def train_on_quadrants(model: torch.nn.Module, steps: int, lr: float) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
     finally:
         torch.set_num_threads(threads)
         model.eval()
@@ -307,5 +317,19 @@ def test_gradcam_finds_the_square_on_a_swin_trained_in_seconds():
                                        window_size=4, conv_stem=(16, 32)))
     train_on_quadrants(model, steps=300, lr=1e-3)
     accuracy, hits = quadrant_hits(model, "gradcam")
+    assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
+    assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"
+
+
+@pytest.mark.slow
+def test_grad_rollout_finds_the_square_on_a_vit_trained_in_seconds():
+    """64 tokens, trained until the loss is ~0.01: over three model seeds and three data
+    seeds the maps found the square for 92.5-100% of held-out images. Shorter schedules,
+    16 tokens or a conv stem gave 42-100% depending on the seed (docs/explain.md)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(img_size=32, patch_size=4, in_chans=1, num_classes=4,
+                                        embed_dim=48, depth=2, num_heads=4))
+    train_on_quadrants(model, steps=1500, lr=1e-3, warmup=100)
+    accuracy, hits = quadrant_hits(model, "grad-rollout")
     assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
     assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"

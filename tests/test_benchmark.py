@@ -2,20 +2,24 @@
 builds, and the command's output. No timed assertions: machines differ."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
+import vistra.analysis.benchmark as analysis_benchmark
+import vistra.cli.benchmark as cli_benchmark
 from vistra.analysis.benchmark import benchmark, make_step, peak_memory
 from vistra.analysis.complexity import model_cost
 from vistra.cli import main
 from vistra.models import build_model, get_spec
 
 TINY = "vit_fmnist"  # 28 px, 0.3 M parameters: a benchmark of it takes a fraction of a second
+SMALL_GEMM = 256  # the peak's GEMMs at this size: cheap even where bf16 is emulated
 
 
 def test_report_holds_consistent_figures():
-    report = benchmark(TINY, batch_size=4, repeats=2)
+    report = benchmark(TINY, batch_size=4, repeats=2, gemm_size=SMALL_GEMM)
     (result,) = report.results
     macs = model_cost(get_spec(TINY).arch).total_macs
     assert result.impl == "vistra" and result.mode == "infer" and len(result.step_times_ms) == 2
@@ -26,6 +30,22 @@ def test_report_holds_consistent_figures():
                                                     / report.gemm_peak_gflops)
     assert report.gemm_peak_gflops > 0 and result.peak_memory_mb > 0
     assert report.speedup() is None
+    peaks = report.gemm_peak_gflops_by_dtype
+    assert set(peaks) == {"fp32", "bf16"} and min(peaks.values()) > 0
+    assert report.gemm_peak_gflops == peaks["fp32"]  # the benchmarked dtype's
+
+
+def test_the_peak_is_the_benchmarked_dtypes_and_the_cpu_is_described(monkeypatch):
+    monkeypatch.setattr(analysis_benchmark, "cpu_has_bf16", lambda: False)
+    report = benchmark(TINY, batch_size=1, dtype="bf16", repeats=1, warmup=0,
+                       measure_memory=False, gemm_size=SMALL_GEMM)
+    assert report.gemm_peak_gflops == report.gemm_peak_gflops_by_dtype["bf16"]
+    (result,) = report.results
+    assert result.fraction_of_peak == pytest.approx(result.achieved_gflops
+                                                    / report.gemm_peak_gflops_by_dtype["bf16"])
+    assert report.cpu_bf16 is False
+    assert set(report.cpu_bf16_flags) <= {"avx512_bf16", "amx_bf16"}
+    assert isinstance(report.cpu_model, str)
 
 
 def test_training_counts_three_forwards_and_updates_the_weights():
@@ -33,7 +53,8 @@ def test_training_counts_three_forwards_and_updates_the_weights():
     before = model.head.weight.detach().clone()
     make_step(model, torch.randn(2, 1, 28, 28), "train", "fp32")()
     assert not torch.equal(before, model.head.weight)
-    (result,) = benchmark(TINY, batch_size=2, mode="train", dtype="bf16", repeats=1).results
+    (result,) = benchmark(TINY, batch_size=2, mode="train", dtype="bf16", repeats=1,
+                          gemm_size=SMALL_GEMM).results
     assert result.gflop_per_image == pytest.approx(3 * 2 * model_cost(model.arch).total_macs / 1e9)
 
 
@@ -78,8 +99,9 @@ def test_hf_peer_refuses_what_transformers_cannot_build():
         hf_peer("vit_base_r50_s16_224")
 
 
-def test_benchmark_command_json_with_the_peer(capsys):
+def test_benchmark_command_json_with_the_peer(capsys, monkeypatch):
     pytest.importorskip("transformers")
+    monkeypatch.setattr(cli_benchmark, "benchmark", partial(benchmark, gemm_size=SMALL_GEMM))
     argv = ["benchmark", "vit_tiny_patch16_224", "--batch-size", "1", "--repeats", "1",
             "--img-size", "64", "--compare", "hf", "--json"]
     assert main(argv) == 0
@@ -89,7 +111,26 @@ def test_benchmark_command_json_with_the_peer(capsys):
         report["results"][0]["images_per_s"] / report["results"][1]["images_per_s"])
 
 
-def test_benchmark_command_table(capsys):
-    assert main(["benchmark", TINY, "--batch-size", "2", "--repeats", "1", "--no-memory"]) == 0
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_benchmark_command_says_whether_the_cpu_has_bf16_arithmetic(capsys, monkeypatch,
+                                                                    has_bf16):
+    monkeypatch.setattr(analysis_benchmark, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(cli_benchmark, "benchmark", partial(benchmark, gemm_size=SMALL_GEMM))
+    argv = ["benchmark", TINY, "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+            "--no-memory"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "GEMM peak (same run)" in out and TINY in out
+    (line,) = [line for line in out.splitlines() if line.startswith("CPU: ")]
+    assert "GEMM peak fp32 " in line and ", bf16 " in line and line.endswith("(same run)")
+    if has_bf16:
+        assert "bf16 arithmetic: yes" in line
+    else:
+        assert "bf16 arithmetic: no (bf16 is emulated: slow)" in line
+    assert TINY in out
+
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu_bf16"] is has_bf16 and isinstance(report["cpu_model"], str)
+    assert set(report["gemm_peak_gflops_by_dtype"]) == {"fp32", "bf16"}
+    assert min(report["gemm_peak_gflops_by_dtype"].values()) > 0
+    assert report["gemm_peak_gflops"] == report["gemm_peak_gflops_by_dtype"]["fp32"]

@@ -47,6 +47,20 @@ def test_options_without_a_config_file_and_boolean_flags():
         _config(["--optimizer", "adam"])
 
 
+@pytest.mark.parametrize("argv, value", [(["--bf16"], True), (["--bf16", "true"], True),
+                                         (["--bf16", "false"], False), (["--no-bf16"], False),
+                                         (["--bf16", "auto"], "auto"), ([], False)])
+def test_bf16_takes_true_false_or_auto(argv, value):
+    bf16 = _config(["--data", "d", "--model", "m", *argv, "--ema"]).bf16
+    assert bf16 == value and type(bf16) is type(value)
+
+
+def test_bf16_refuses_another_word_naming_the_option(capsys):
+    with pytest.raises(SystemExit):
+        _config(["--bf16", "yes"])
+    assert "argument --bf16: expected true, false or auto, got 'yes'" in capsys.readouterr().err
+
+
 def test_cli_trains_and_resume_refuses_other_options(tmp_path, capsys):
     data = make_colour_folder(tmp_path / "data", per_class=4)
     run = tmp_path / "run"

@@ -1,8 +1,14 @@
 """TrainConfig: one typed place for every option, filled from Python, YAML or the CLI."""
 
-import pytest
+from dataclasses import replace
 
+import pytest
+import torch
+
+import vistra.runtime
 from vistra.train import TrainConfig, config_from_dict, load_config
+from vistra.train.distributed import DistContext
+from vistra.train.loop import resolve_bf16
 
 
 def test_yaml_recipe_fills_the_dataclass_with_typed_values(tmp_path):
@@ -63,3 +69,47 @@ def test_to_dict_round_trips_through_plain_types():
     plain = cfg.to_dict()
     assert plain["scale"] == [0.3, 1.0]
     assert config_from_dict(plain) == cfg
+
+
+@pytest.mark.parametrize("text, value", [("auto", "auto"), ("true", True), ("false", False)])
+def test_bf16_takes_true_false_or_auto_from_yaml(tmp_path, text, value):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"bf16: {text}\n")
+    bf16 = load_config(recipe).bf16
+    assert bf16 == value and type(bf16) is type(value)
+
+
+@pytest.mark.parametrize("value", ["sometimes", "Auto", 1])
+def test_bf16_refuses_anything_else_naming_the_option(tmp_path, value):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"bf16: {value}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: bf16 must be a bool or auto"):
+        load_config(recipe)
+    with pytest.raises(ValueError, match="bf16 must be true, false or auto"):
+        TrainConfig(bf16=value)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_is_decided_by_the_cpu_and_said_once(monkeypatch, capsys, native):
+    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: native)
+    cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert resolve_bf16(TrainConfig(bf16="auto"), cpu).bf16 is native
+    expected = ("bf16: on (auto: this CPU has bf16 arithmetic)" if native
+                else "bf16: off (auto: this CPU has no bf16 arithmetic)")
+    assert capsys.readouterr().out == expected + "\n"
+    assert resolve_bf16(TrainConfig(bf16="auto", quiet=True), cpu).bf16 is native
+    other_rank = DistContext(rank=1, world_size=1, local_rank=1, device=torch.device("cpu"))
+    assert resolve_bf16(TrainConfig(bf16="auto"), other_rank).bf16 is native
+    assert capsys.readouterr().out == ""  # quiet, and not rank 0
+
+
+def test_bf16_auto_is_on_for_cuda_and_true_or_false_pass_through(monkeypatch, capsys):
+    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: False)
+    gpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    assert resolve_bf16(TrainConfig(bf16="auto"), gpu).bf16 is True
+    assert capsys.readouterr().out == "bf16: on (auto: a CUDA device)\n"
+    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
+    cpu = replace(gpu, device=torch.device("cpu"))
+    for value in (True, False):  # what a run asked for, or what a resumed run recorded
+        assert resolve_bf16(TrainConfig(bf16=value), cpu).bf16 is value
+    assert capsys.readouterr().out == ""

@@ -4,8 +4,10 @@ import json
 
 import pytest
 import torch
+import yaml
 from test_train_e2e import make_colour_folder, tiny_config
 
+import vistra.runtime
 import vistra.train.loop as loop
 from vistra.train import resume, train
 from vistra.train.checkpoint import load_training_state, save_training_state
@@ -59,6 +61,35 @@ def test_an_interruption_in_the_first_epoch_is_resumable(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "run", epochs=1))
     assert load_training_state(tmp_path / "run" / "last.ckpt")["epoch"] == 0
+
+
+def test_a_resumed_run_keeps_the_bf16_choice_auto_made_at_its_start(tmp_path, monkeypatch):
+    data = make_colour_folder(tmp_path / "data", per_class=4)
+    run = tmp_path / "run"
+    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
+    real_epoch = loop.train_one_epoch
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):  # in epoch 1: the choice is all there is to resume
+        train(tiny_config(data, run, epochs=1, bf16="auto"))
+    assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True
+    assert yaml.safe_load((run / "config.yaml").read_text())["bf16"] is True
+
+    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: False)  # another machine
+    seen = []
+
+    def record_bf16(*args, **kwargs):
+        seen.append(args[4].bf16)  # the config argument
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", record_bf16)
+    resume(run)
+    assert seen == [True]
+    assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True
+    assert yaml.safe_load((run / "config.yaml").read_text())["bf16"] is True
 
 
 def test_training_state_is_written_atomically_and_checked_on_load(tmp_path):

@@ -62,6 +62,7 @@ class Classifier:
 
 BACKENDS = ("auto", "torch", "onnx")
 DTYPES = ("auto", "fp32", "bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bf16 arithmetic
 
 
 def cpu_has_bf16() -> bool:
@@ -71,7 +72,7 @@ def cpu_has_bf16() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in flags.split() for flag in BF16_FLAGS)
 
 
 def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:

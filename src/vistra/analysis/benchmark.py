@@ -2,9 +2,10 @@
 measured in the same run, and peak memory; optionally next to HuggingFace transformers'
 equivalent model in the same process.
 
-Everything that is compared is interleaved: each round times one GEMM, one step of vistra and
-one step of the peer, so a machine shared with other work slows all of them alike; the
-figures are medians over rounds, after warm-up steps that are not timed.
+Everything that is compared is interleaved: each round times a GEMM in fp32 and one in bf16,
+one step of vistra and one step of the peer, so a machine shared with other work slows all of
+them alike; the figures are medians over rounds, after warm-up steps that are not timed. The
+report says whether the CPU has bf16 arithmetic: without it bf16 is emulated, and slow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from vistra.models import build_model
+from vistra.runtime import BF16_FLAGS, cpu_has_bf16
 
 from .flops import params_and_macs
 
@@ -59,9 +62,15 @@ class Result:
 @dataclass
 class Report:
     results: list[Result]
-    gemm_peak_gflops: float  # median over rounds of a GEMM_SIZE^3 torch.mm in `dtype`
+    gemm_peak_gflops: float  # the GEMM peak in the benchmarked dtype (below)
     threads: int
     notes: list[str]
+    # The defaults are for reports read back from JSON written before these fields existed.
+    # median over rounds of a GEMM_SIZE^3 torch.mm in each of "fp32" and "bf16", same rounds
+    gemm_peak_gflops_by_dtype: dict[str, float] = field(default_factory=dict)
+    cpu_model: str = ""  # /proc/cpuinfo "model name"; "" where there is none
+    cpu_bf16: bool | None = None  # vistra.runtime.cpu_has_bf16()
+    cpu_bf16_flags: list[str] = field(default_factory=list)  # which of BF16_FLAGS it has
 
     def speedup(self) -> float | None:
         """vistra's images/s over the peer's, when a peer ran."""
@@ -84,6 +93,19 @@ def malloc_heap_only() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and which of BF16_FLAGS it reports, from /proc/cpuinfo; ("", [])
+    where that file does not exist, and no name where it has none (some ARM kernels)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", []
+    names = (line.partition(":")[2].strip() for line in text.splitlines()
+             if line.startswith("model name"))
+    flags = set(text.split())
+    return next(names, ""), [flag for flag in BF16_FLAGS if flag in flags]
 
 
 def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None], int]:
@@ -155,9 +177,11 @@ def _time(fn: Callable[[], None]) -> float:
 def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
               dtype: str = "fp32", mode: str = "infer", compile: bool = False,
               compare: str | None = None, repeats: int = 5, warmup: int = 1,
-              measure_memory: bool = True, malloc_heap: bool = False, seed: int = 0) -> Report:
+              measure_memory: bool = True, malloc_heap: bool = False, seed: int = 0,
+              gemm_size: int = GEMM_SIZE) -> Report:
     """Time `name` (and, with compare="hf", its transformers twin) at `batch_size` images.
-    malloc_heap: call `malloc_heap_only` first (for the whole process, from then on)."""
+    malloc_heap: call `malloc_heap_only` first (for the whole process, from then on).
+    gemm_size: the side of the square GEMMs that measure the peak (smaller in tests)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if mode not in MODES:
@@ -181,16 +205,19 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
         runners["hf"] = hf_peer(name, img_size)
     x = torch.randn(batch_size, model.arch.in_chans, *size)
     steps = {impl: make_step(m, x, mode, dtype) for impl, m in runners.items()}
-    gemm, gemm_flops = gemm_step(DTYPES[dtype])
-    for step in [gemm, *steps.values()]:
+    gemms = {kind: gemm_step(torch_dtype, gemm_size) for kind, torch_dtype in DTYPES.items()}
+    for step in [*(gemm for gemm, _ in gemms.values()), *steps.values()]:
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {"gemm": [], **{impl: [] for impl in steps}}
+    times: dict[str, list[float]] = {key: [] for key in [*gemms, *steps]}  # GEMM dtypes, impls
     for _ in range(repeats):
-        times["gemm"].append(_time(gemm))
+        for kind, (gemm, _) in gemms.items():
+            times[kind].append(_time(gemm))
         for impl, step in steps.items():
             times[impl].append(_time(step))
-    peak = gemm_flops / statistics.median(times["gemm"]) / 1e9
+    peaks = {kind: flops / statistics.median(times[kind]) / 1e9
+             for kind, (_, flops) in gemms.items()}
+    peak = peaks[dtype]
     results = []
     for impl, step in steps.items():
         latency = statistics.median(times[impl])
@@ -202,7 +229,8 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
             gflop_per_image=gflop, achieved_gflops=achieved, fraction_of_peak=achieved / peak,
             peak_memory_mb=peak_memory(step) / 2**20 if measure_memory else float("nan"),
             step_times_ms=[t * 1e3 for t in times[impl]]))
-    notes = [f"GEMM peak: torch.mm of {GEMM_SIZE}x{GEMM_SIZE} {dtype}, timed in every round",
+    notes = [f"GEMM peak: torch.mm of {gemm_size}x{gemm_size} in fp32 and in bf16, both timed "
+             f"in every round; 'of peak' is against the {dtype} one",
              "FLOPs: 2 per multiply-add of the model's matrix products (vistra's count, the "
              "same architecture for the peer)"]
     if mode == "train":
@@ -211,4 +239,6 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
         notes.append("allocator: glibc heap only, freed memory kept (malloc_heap_only)")
     if measure_memory:
         notes.append(MEMORY_NOTE)
-    return Report(results, peak, torch.get_num_threads(), notes)
+    cpu_model, bf16_flags = cpu_description()
+    return Report(results, peak, torch.get_num_threads(), notes, gemm_peak_gflops_by_dtype=peaks,
+                  cpu_model=cpu_model, cpu_bf16=cpu_has_bf16(), cpu_bf16_flags=bf16_flags)

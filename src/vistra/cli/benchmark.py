@@ -15,9 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "benchmark", help="measure images/s, latency, GFLOP/s against the GEMM peak, memory",
         description="Time a model on random images: median step time over repeated rounds "
                     "after warm-up, images/s, achieved GFLOP/s as a fraction of a large "
-                    "torch.mm timed in the same rounds, and peak memory of one step. With "
-                    "--compare hf, HuggingFace transformers' equivalent model runs in the same "
-                    "process, interleaved round by round.")
+                    "torch.mm timed in the same rounds (in fp32 and in bf16, both reported, "
+                    "with whether the CPU has bf16 arithmetic), and peak memory of one step. "
+                    "With --compare hf, HuggingFace transformers' equivalent model runs in the "
+                    "same process, interleaved round by round.")
     p.add_argument("name", help="a registered model name (see `vistra models`)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--img-size", type=int, default=None,
@@ -64,10 +65,20 @@ def render(report: Report) -> str:
         lines.append(f"{r.model:<30} {impl:<7} {r.mode:<5} {r.dtype:<5} {r.batch_size:>5} "
                      f"{r.images_per_s:>8.2f} {r.latency_ms:>11.1f} {r.achieved_gflops:>8.1f} "
                      f"{r.fraction_of_peak:>8.0%} {memory:>8}")
-    lines.append(f"GEMM peak (same run): {report.gemm_peak_gflops:.1f} GFLOP/s "
-                 f"on {report.threads} threads")
+    lines.append(cpu_line(report))
     speedup = report.speedup()
     if speedup is not None:
         lines.append(f"vistra / HuggingFace images/s: {speedup:.2f}x")
     lines += [f"- {note}" for note in report.notes]
     return "\n".join(lines)
+
+
+def cpu_line(report: Report) -> str:
+    """The CPU, whether it has bf16 arithmetic, and the GEMM peak in each dtype: what the
+    figures above are to be read against."""
+    flags = f" ({', '.join(report.cpu_bf16_flags)})" if report.cpu_bf16_flags else ""
+    bf16 = f"yes{flags}" if report.cpu_bf16 else "no (bf16 is emulated: slow)"
+    peaks = ", ".join(f"{kind} {gflops:.0f}"
+                      for kind, gflops in report.gemm_peak_gflops_by_dtype.items())
+    return (f"CPU: {report.cpu_model or 'model not reported'}, {report.threads} threads, bf16 "
+            f"arithmetic: {bf16}; GEMM peak {peaks} GFLOP/s (same run)")

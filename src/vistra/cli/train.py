@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 
 import yaml
 
@@ -50,7 +51,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {' '.join(map(str, default)) if kind is tuple else default})"
         kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         flag = "--" + f.name.replace("_", "-")
-        if kind is bool:
+        words = _literal_words(hints[f.name])
+        if kind is bool and words:  # e.g. --bf16 [true|false|auto]; bare --bf16 is true
+            parse = _bool_or_word(words)
+            parser.add_argument(flag, nargs="?", const=True, type=parse,
+                                metavar="|".join(["true", "false", *words]), **kw)
+            parser.add_argument("--no-" + flag[2:], action="store_const", const=False,
+                                dest=f.name, default=argparse.SUPPRESS,
+                                help=f"the same as {flag} false")
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind is dict:
             kw["dest"] = _DICT_OPTION
@@ -67,6 +76,29 @@ def _base_type(hint) -> type:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
     return typing.get_origin(hint) or hint
+
+
+def _literal_words(hint) -> tuple[str, ...]:
+    """The words an option takes besides its type's values: ("auto",) for
+    `bool | Literal["auto"]`, () for most options."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                     types.UnionType) else ()
+    return tuple(word for option in options if typing.get_origin(option) is typing.Literal
+                 for word in typing.get_args(option))
+
+
+def _bool_or_word(words: tuple[str, ...]) -> Callable[[str], bool | str]:
+    """argparse type of a boolean option that also takes `words`."""
+    values = {"true": True, "false": False, **{word: word for word in words}}
+    *most, last = values
+
+    def parse(text: str) -> bool | str:
+        try:
+            return values[text.lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"expected {', '.join(most)} or {last}, got "
+                                             f"{text!r}") from None
+    return parse
 
 
 def _parse_model_args(items: list[str]) -> dict:

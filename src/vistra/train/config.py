@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -86,7 +86,12 @@ class TrainConfig:
     freeze_layers: bool = _opt(False, "train only the head (and pre-logits), freeze the rest")
     ema: bool = _opt(False, "keep an exponential moving average of the weights")
     ema_decay: float = _opt(0.999, "EMA decay per step")
-    bf16: bool = _opt(False, "bfloat16 autocast for the forward pass")
+    bf16: bool | Literal["auto"] = _opt(
+        False, "bfloat16 autocast for the forward pass: true, false, or auto: on where the "
+               "device computes bf16 natively (a CUDA GPU, or a CPU with AVX512_BF16 or AMX), "
+               "off elsewhere (bf16 emulated is slower than fp32). auto is decided once, when "
+               "a run starts: the run's config.yaml and last.ckpt record the choice, true or "
+               "false, so a resume, even on another machine, keeps it")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward "
                                            "pass instead of keeping them: a ViT-S/16 step at "
                                            "batch 8 peaks at 125 instead of 458 MiB and takes "
@@ -118,6 +123,8 @@ class TrainConfig:
                              f"got {self.random_erasing}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise ValueError(f"bf16 must be true, false or auto, got {self.bf16!r}")
 
     def require_inputs(self) -> None:
         """Training needs a folder and a model; a config file may leave them to the CLI."""
@@ -186,6 +193,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         elif origin in (int, str, bool) and type(value) is origin:
             return value
+        elif origin is Literal and isinstance(value, str) and value in typing.get_args(option):
+            return value  # a word an option takes besides its type's values: bf16's "auto"
     wanted = " or ".join(_type_name(o) for o in options if o is not type(None))
     raise ValueError(f"{where} must be {wanted}, got {value!r}")
 
@@ -200,6 +209,8 @@ def _type_name(hint: Any) -> str:
         return f"a list of {len(typing.get_args(hint))} numbers"
     if origin is dict:
         return "a mapping"
+    if origin is Literal:
+        return " or ".join(map(str, typing.get_args(hint)))
     return f"a {hint.__name__}"
 
 

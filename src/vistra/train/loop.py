@@ -40,6 +40,7 @@ from vistra.data import (
 from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
 from vistra.factory import create_model
 from vistra.fileio import atomic_write_text
+from vistra.runtime import resolve_dtype
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end
@@ -133,6 +134,19 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
     if ctx.is_main and not cfg.quiet:
         print(message, flush=True)
+
+
+def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
+    """`cfg` with bf16 auto decided for this run's device: on where it computes bf16 natively
+    (vistra.runtime.resolve_dtype), rank 0's decision on every rank. true and false pass
+    through, so a resumed run keeps the choice its checkpoint recorded."""
+    if cfg.bf16 != "auto":
+        return cfg
+    on = broadcast_from_main(resolve_dtype("auto", "torch", str(ctx.device)) == "bf16", ctx)
+    why = "a CUDA device" if ctx.device.type == "cuda" else \
+        f"this CPU {'has' if on else 'has no'} bf16 arithmetic"
+    _say(ctx, cfg, f"bf16: {'on' if on else 'off'} (auto: {why})")
+    return replace(cfg, bf16=on)
 
 
 def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
@@ -272,6 +286,7 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) 
     clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    cfg = resolve_bf16(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
     split = _prepare_data(cfg, ctx, run_dir)
     if state is not None and state["classes"] != split.classes:
         raise ValueError(f"{cfg.data} now has classes {split.classes}, the run in {run_dir} "

@@ -3,7 +3,8 @@ once) against vistra's own bf16 autocast path and HuggingFace transformers eager
 cast to bf16), Swin-T and ViT-B/16 inference at batch 16 and 1; ViT-S/16 and Swin-T training
 steps under bf16 autocast against HuggingFace (images/s and peak memory); the Fashion-MNIST
 recipe models' training step in fp32 and bf16; and the accuracy of bf16 inference on
-Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md.
+Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md, with the targets
+met or missed.
 
     python benchmarks/bf16.py --fm-checkpoints runs/a/best.safetensors ... \\
         --fm-test data/fashion_mnist/test
@@ -272,13 +273,15 @@ def main() -> int:
     infer = []
     for name in INFER:
         for batch in (16, 1):
-            infer += inference_rows(name, batch if not args.tiny else min(batch, 2),
-                                    rounds if batch == 16 else 3 * rounds, args.tiny)
-            print("\n".join(table(infer[-5:], INFER_COLUMNS)), flush=True)
+            rows = inference_rows(name, batch if not args.tiny else min(batch, 2),
+                                  rounds if batch == 16 else 3 * rounds, args.tiny)
+            infer += rows
+            print("\n".join(table(rows, INFER_COLUMNS)), flush=True)
     train = []
     for name in TRAIN:
-        train += training_rows(name, rounds, args.tiny)
-        print("\n".join(table(train[-2:], TRAIN_COLUMNS)), flush=True)
+        rows = training_rows(name, rounds, args.tiny)
+        train += rows
+        print("\n".join(table(rows, TRAIN_COLUMNS)), flush=True)
     recipes = recipe_step_rows(rounds if not args.tiny else 1)
     print("\n".join(table(recipes, RECIPE_COLUMNS)), flush=True)
     accuracy = []
@@ -341,8 +344,34 @@ def write_report(head: list[str], attention: list[dict], linear: list[dict], inf
     if accuracy:
         lines += ["## Accuracy of bf16 inference (Fashion-MNIST test set)", "",
                   *table(accuracy, ACCURACY_COLUMNS), ""]
-    (HERE / "bf16_results.md").write_text("\n".join(lines))
-    print(f"wrote {HERE / 'bf16_results.md'}")
+    lines += ["## Targets", "", *targets(infer, train, accuracy), ""]
+    (HERE / "bf16.md").write_text("\n".join(lines))
+    print(f"wrote {HERE / 'bf16.md'}")
+
+
+def targets(infer: list[dict], train: list[dict], accuracy: list[dict]) -> list[str]:
+    """Each target of this benchmark, its figure from the tables above, met or missed."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+    out = []
+    for model, goal in (("Swin-T", 1.2), ("ViT-B/16", 1.05)):
+        row = next(r for r in infer if r["model"] == model and r["batch"] == 16
+                   and r["impl"] == "vistra bf16 (cast once)")
+        out.append(f"- {model} inference, batch 16: {row['ratio']:.2f}x the fastest of vistra "
+                   f"autocast and HF eager (goal {goal}x): {verdict(row['ratio'] >= goal)}")
+    for model in TRAIN.values():
+        ours = next(r for r in train if r["model"] == model and r["impl"] == "vistra")
+        hf = next(r for r in train if r["model"] == model and r["impl"] == "hf")
+        ok = ours["ratio"] >= 1.15 and ours["memory_mb"] <= hf["memory_mb"]
+        out.append(f"- {model} training, batch 16: {ours['ratio']:.2f}x HF (goal 1.15x), "
+                   f"memory {ours['memory_mb']:.0f} vs {hf['memory_mb']:.0f} MB (goal <= HF): "
+                   f"{verdict(ok)}")
+    for r in accuracy:
+        drop = (r["fp32_top1"] - r["bf16_top1"]) * 100
+        ok = abs(drop) <= 0.1 and r["agreement"] >= 0.995
+        out.append(f"- {r['checkpoint']}: bf16 top-1 {drop:+.2f} points below fp32 (goal within "
+                   f"0.1), agreement {r['agreement']:.2%} (goal >= 99.5%): {verdict(ok)}")
+    return out
 
 
 if __name__ == "__main__":

@@ -64,8 +64,8 @@ def _explicit_is_faster(q: torch.Tensor) -> bool:
 class _RecomputedAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v for training that saves only q, k and v and recomputes the
     probabilities in backward, as flash attention does: the explicit products' speed without
-    keeping a [B, heads, N, N] matrix per block until backward (ViT-S/16 at batch 16: 85 MB
-    more than SDPA otherwise, benchmarks/bf16.md)."""
+    keeping a [B, heads, N, N] matrix per block until backward (keeping them cost ViT-S/16 at
+    batch 16 85 MB more than SDPA, by `vistra benchmark --mode train --dtype bf16`)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")

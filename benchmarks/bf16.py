@@ -166,7 +166,7 @@ def accuracy_rows(checkpoints: list[Path], test: Path, limit: int | None) -> lis
             right["bf16"] += int((b == labels).sum())
             same += int((a == b).sum())
             total += len(labels)
-        rows.append({"checkpoint": str(path), "images": total,
+        rows.append({"checkpoint": f"{path.parent.name}/{path.name}", "images": total,
                      "fp32_top1": right["fp32"] / total, "bf16_top1": right["bf16"] / total,
                      "agreement": same / total})
     return rows
@@ -357,20 +357,20 @@ def targets(infer: list[dict], train: list[dict], accuracy: list[dict]) -> list[
     for model, goal in (("Swin-T", 1.2), ("ViT-B/16", 1.05)):
         row = next(r for r in infer if r["model"] == model and r["batch"] == 16
                    and r["impl"] == "vistra bf16 (cast once)")
-        out.append(f"- {model} inference, batch 16: {row['ratio']:.2f}x the fastest of vistra "
+        out.append(f"- {model} inference, batch 16: {row['ratio']:.3f}x the fastest of vistra "
                    f"autocast and HF eager (goal {goal}x): {verdict(row['ratio'] >= goal)}")
     for model in TRAIN.values():
         ours = next(r for r in train if r["model"] == model and r["impl"] == "vistra")
         hf = next(r for r in train if r["model"] == model and r["impl"] == "hf")
         ok = ours["ratio"] >= 1.15 and ours["memory_mb"] <= hf["memory_mb"]
-        out.append(f"- {model} training, batch 16: {ours['ratio']:.2f}x HF (goal 1.15x), "
+        out.append(f"- {model} training, batch 16: {ours['ratio']:.3f}x HF (goal 1.15x), "
                    f"memory {ours['memory_mb']:.0f} vs {hf['memory_mb']:.0f} MB (goal <= HF): "
                    f"{verdict(ok)}")
     for r in accuracy:
-        drop = (r["fp32_top1"] - r["bf16_top1"]) * 100
-        ok = abs(drop) <= 0.1 and r["agreement"] >= 0.995
-        out.append(f"- {r['checkpoint']}: bf16 top-1 {drop:+.2f} points below fp32 (goal within "
-                   f"0.1), agreement {r['agreement']:.2%} (goal >= 99.5%): {verdict(ok)}")
+        change = (r["bf16_top1"] - r["fp32_top1"]) * 100
+        ok = abs(change) <= 0.1 and r["agreement"] >= 0.995
+        out.append(f"- {r['checkpoint']}: bf16 top-1 {change:+.2f} points from fp32 (goal "
+                   f"within 0.1), agreement {r['agreement']:.2%} (goal >= 99.5%): {verdict(ok)}")
     return out
 
 

@@ -39,12 +39,12 @@ def attention(
         bias = bias.to(q.dtype)
     grad = torch.is_grad_enabled()
     explicit = need_weights or (bias is not None and bias.requires_grad and grad)
-    if not need_weights and not dropout_p and _explicit_is_faster(q):
-        if k.shape[-2] % KEY_ALIGN and k.shape[-2] < 4 * KEY_ALIGN:  # Swin's windows
-            return _aligned_attention(q, k, v, bias, scale), None
-        if grad and bias is None:
+    if not explicit and _explicit_is_faster(q):
+        if grad and bias is None and not dropout_p:
             return _RecomputedAttention.apply(q, k, v, scale), None
-        explicit = True
+        if not grad and k.shape[-2] % KEY_ALIGN and k.shape[-2] < 4 * KEY_ALIGN:
+            return _aligned_attention(q, k, v, bias, scale), None
+        explicit = not grad  # inference: the explicit path below, in place
     if not explicit:
         return _fused_attention(q, k, v, bias, scale, dropout_p), None
     weights = (q * scale) @ k.transpose(-2, -1)
@@ -71,10 +71,9 @@ KEY_ALIGN = 16
 
 def _aligned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The explicit path with the keys padded to a multiple of KEY_ALIGN: zero keys and values
-    whose scores get -inf, so their probabilities are exactly 0 (and so are their gradients).
-    The padded copies of k and v replace the copies the products would make of the strided
-    views anyway."""
+    """The explicit inference path with the keys padded to a multiple of KEY_ALIGN: zero keys
+    and values whose scores get -inf, so their probabilities are exactly 0. The padded copies
+    of k and v replace the copies the products would make of the strided views anyway."""
     n = k.shape[-2]
     pad = -n % KEY_ALIGN
     k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))

@@ -42,8 +42,6 @@ def attention(
     if not explicit and _explicit_is_faster(q):
         if grad and bias is None and not dropout_p:
             return _RecomputedAttention.apply(q, k, v, scale), None
-        if not grad and k.shape[-2] % KEY_ALIGN and k.shape[-2] < 4 * KEY_ALIGN:
-            return _aligned_attention(q, k, v, bias, scale), None
         explicit = not grad  # inference: the explicit path below, in place
     if not explicit:
         return _fused_attention(q, k, v, bias, scale, dropout_p), None
@@ -62,26 +60,6 @@ def _explicit_is_faster(q: torch.Tensor) -> bool:
     ViT-S/16 training step under autocast is 10-20% faster with them. So bf16 on CPU (a bf16
     model, or autocast) takes the explicit path."""
     return q.dtype == torch.bfloat16 and q.device.type == "cpu" and fastpath.enabled()
-
-
-# PyTorch's bf16 softmax on CPU takes about twice as long per row on rows of 49 (Swin's 7x7
-# windows) as on rows of 64; from 144 on the width hardly matters (benchmarks/bf16.md).
-KEY_ALIGN = 16
-
-
-def _aligned_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The explicit inference path with the keys padded to a multiple of KEY_ALIGN: zero keys
-    and values whose scores get -inf, so their probabilities are exactly 0. The padded copies
-    of k and v replace the copies the products would make of the strided views anyway."""
-    n = k.shape[-2]
-    pad = -n % KEY_ALIGN
-    k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-    if bias is None:
-        bias = q.new_zeros(n, n)
-    bias = F.pad(bias, (0, pad), value=float("-inf"))
-    weights = ((q * scale) @ k.transpose(-2, -1)).add_(bias)
-    return weights.softmax(dim=-1) @ v
 
 
 class _RecomputedAttention(torch.autograd.Function):

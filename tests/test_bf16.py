@@ -85,11 +85,14 @@ def test_packed_weight_follows_every_change_of_the_weight():
         torch.testing.assert_close(linear(x.float()), expected(), atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_inference_attention_equals_sdpa():
+@pytest.mark.parametrize("tokens,with_bias", [(49, True), (49, False), (197, False)])
+def test_bf16_inference_attention_equals_the_fp32_maths(tokens, with_bias):
+    """Swin's windows (with a bias) and ViT's tokens on the explicit bf16 path."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 4, 49, 16) for _ in range(3))
-    bias = torch.randn(3, 4, 49, 49)
-    reference = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + bias, -1) @ v
+    q, k, v = (torch.randn(2, 3, 4, tokens, 16) for _ in range(3))
+    bias = torch.randn(3, 4, tokens, tokens) if with_bias else None
+    reference = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + (bias if with_bias else 0),
+                              -1) @ v
     with torch.inference_mode():
         out, weights = attention(*(t.bfloat16() for t in (q, k, v)), bias=bias, scale=0.25)
     assert weights is None and out.dtype == torch.bfloat16
@@ -118,3 +121,21 @@ def test_bf16_training_attention_saves_no_probabilities_and_matches_fp32():
     (torch.softmax(qr @ kr.transpose(-2, -1) * 0.3, -1) @ vr).pow(2).sum().backward()
     for got, want in ((qb, qr), (kb, kr), (vb, vr)):
         torch.testing.assert_close(got.grad.float(), want.grad, atol=0.1, rtol=0.05)
+
+
+def test_bf16_window_attention_in_training_has_the_fp32_gradients():
+    """Swin training under autocast: the bias (the relative-position table's gather) needs a
+    gradient, so the explicit products run under autograd in bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 49, 16) for _ in range(3))
+    table = torch.randn(3, 4, 49, 49)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    tb = table.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = attention(qb, kb, vb, bias=tb * 1.0, scale=0.25)
+    out.float().pow(2).sum().backward()
+    qr, kr, vr, tr = (t.clone().requires_grad_() for t in (q, k, v, table))
+    (torch.softmax(qr @ kr.transpose(-2, -1) * 0.25 + tr, -1) @ vr).pow(2).sum().backward()
+    for got, want in ((qb, qr), (kb, kr), (vb, vr), (tb, tr)):
+        assert got.grad.shape == want.grad.shape
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=0.25, rtol=0.05)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_evaluate import constant_checkpoint
-from test_train_e2e import make_colour_folder, tiny_config
+from test_train_e2e import ctrl_c_in_epoch, make_colour_folder, tiny_config
 
 import vistra
 import vistra.train.loop as loop
@@ -231,14 +231,7 @@ def test_resume_takes_a_new_lr_but_no_option_that_changes_the_run(finished_run, 
 
 
 def test_a_new_lr_scales_the_rest_of_the_schedule(tmp_path, data, monkeypatch):
-    real_epoch = loop.train_one_epoch
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+    real_epoch = ctrl_c_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "a", epochs=2))
     monkeypatch.setattr(loop, "train_one_epoch", real_epoch)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import vistra.train.loop as loop
 from vistra import create_model
 from vistra.evaluate import evaluate_checkpoint
 from vistra.predict import predict_images
@@ -40,6 +41,20 @@ def tiny_config(data, output, **kw):
                    img_size=16, model_kwargs=TINY, epochs=2, batch_size=8, lr=1e-3, workers=0,
                    quiet=True)
     return TrainConfig(**{**options, **kw})
+
+
+def ctrl_c_in_epoch(monkeypatch, epoch: int):
+    """From now on, training raises KeyboardInterrupt when it starts `epoch` (1-based), as a
+    Ctrl-C there would; returns the real epoch function, to put back before resuming."""
+    real_epoch = loop.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[6] == epoch:  # the epoch argument
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted)
+    return real_epoch
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_train_e2e import make_colour_folder, tiny_config
+from test_train_e2e import ctrl_c_in_epoch, make_colour_folder, tiny_config
 
 import vistra.runtime
 import vistra.train.loop as loop
@@ -25,14 +25,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypa
     data = make_colour_folder(tmp_path / "data")
     straight = train(tiny_config(data, tmp_path / "straight", **RANDOM_EVERYWHERE))
 
-    real_epoch = loop.train_one_epoch
-
-    def ctrl_c_in_epoch_2(*args, **kwargs):
-        if args[6] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c_in_epoch_2)
+    real_epoch = ctrl_c_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "cut", **RANDOM_EVERYWHERE))
     assert "holds the state after epoch 1" in capsys.readouterr().err
@@ -53,11 +46,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path, monkeypa
 
 def test_an_interruption_in_the_first_epoch_is_resumable(tmp_path, monkeypatch):
     data = make_colour_folder(tmp_path / "data", per_class=4)
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c)
+    ctrl_c_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, tmp_path / "run", epochs=1))
     assert load_training_state(tmp_path / "run" / "last.ckpt")["epoch"] == 0
@@ -67,12 +56,7 @@ def test_a_resumed_run_keeps_the_bf16_choice_auto_made_at_its_start(tmp_path, mo
     data = make_colour_folder(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
     monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
-    real_epoch = loop.train_one_epoch
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "train_one_epoch", ctrl_c)
+    real_epoch = ctrl_c_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):  # in epoch 1: the choice is all there is to resume
         train(tiny_config(data, run, epochs=1, bf16="auto"))
     assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True

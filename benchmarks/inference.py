@@ -32,7 +32,7 @@ from vistra.analysis.peers import hf_peer
 from vistra.evaluate import evaluate_checkpoint
 from vistra.export import export_checkpoint, export_onnx_bytes, quantize_int8, write_new
 from vistra.predict import predict_images
-from vistra.runtime import cpu_has_bf16, load_classifier
+from vistra.runtime import cpu_has_bf16, cpu_info, load_classifier
 from vistra.weights import save_checkpoint
 
 HERE = Path(__file__).parent
@@ -45,19 +45,11 @@ THREADS = 2
 
 def cpu_description() -> tuple[str, str]:
     """The CPU's model name and the flags that matter for these paths."""
-    model, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
-    except OSError:
-        pass
+    name, flags = cpu_info()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
               "avx_vnni")
-    return model, " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+    return (name or platform.processor() or "unknown",
+            " ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted))
 
 
 def rate(fn: Callable[[], object], batch: int, seconds: float, rounds: int) -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from vistra.analysis.benchmark import MEMORY_NOTE, TRAIN_FLOPS_NOTE, Report, Result, benchmark
+from vistra.runtime import cpu_has_bf16, cpu_info
 
 VIT_B, VIT_S = "vit_base_patch16_224", "vit_small_patch16_224"
 SWIN_T = "swin_tiny_patch4_window7_224"
@@ -68,21 +69,7 @@ def targets(reports: list[Report]) -> list[tuple[str, str, bool | None]]:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_info()[0] or platform.processor() or "unknown CPU"
 
 
 def render(reports: list[Report], command: str, malloc_heap: bool) -> str:

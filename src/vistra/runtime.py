@@ -65,14 +65,25 @@ DTYPES = ("auto", "fp32", "bf16")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bf16 arithmetic
 
 
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name ("" where the system reports none) and its feature flags, from
+    /proc/cpuinfo (nothing where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "", frozenset()
+    lines = text.splitlines()
+    name = next((line.partition(":")[2].strip() for line in lines
+                 if line.startswith("model name")), "")
+    flags = next((line.partition(":")[2].split() for line in lines
+                  if line.startswith("flags")), [])
+    return name, frozenset(flags)
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 pays;
     elsewhere it is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in BF16_FLAGS)
+    return not cpu_info()[1].isdisjoint(BF16_FLAGS)
 
 
 def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:

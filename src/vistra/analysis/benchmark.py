@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from vistra.models import build_model
-from vistra.runtime import BF16_FLAGS, cpu_has_bf16
+from vistra.runtime import BF16_FLAGS, cpu_has_bf16, cpu_info
 
 from .flops import params_and_macs
 
@@ -96,16 +95,9 @@ def malloc_heap_only() -> bool:
 
 
 def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and which of BF16_FLAGS it reports, from /proc/cpuinfo; ("", [])
-    where that file does not exist, and no name where it has none (some ARM kernels)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", []
-    names = (line.partition(":")[2].strip() for line in text.splitlines()
-             if line.startswith("model name"))
-    flags = set(text.split())
-    return next(names, ""), [flag for flag in BF16_FLAGS if flag in flags]
+    """The CPU's model name and which of BF16_FLAGS it reports (vistra.runtime.cpu_info)."""
+    name, flags = cpu_info()
+    return name, [flag for flag in BF16_FLAGS if flag in flags]
 
 
 def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None], int]:

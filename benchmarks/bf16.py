@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from vistra.models.bf16 import to_bf16_inference
 from vistra.runtime import cpu_has_bf16, load_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
+from fast_paths import compare  # noqa: E402
 from inference import cpu_description  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -46,18 +45,6 @@ TRAIN = {"vit_small_patch16_224": "ViT-S/16", "swin_tiny_patch4_window7_224": "S
 TINY = {"swin_tiny_patch4_window7_224": dict(depths=(2, 2, 2, 2), embed_dim=48),
         "vit_base_patch16_224": dict(depth=1), "vit_small_patch16_224": dict(depth=1)}
 THREADS = 2
-
-
-def median_times(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Seconds per call of each step: one call of every step per round, in turn, so a
-    disturbance slows all of them alike; the first round is warm-up."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds + 1):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]:
@@ -85,12 +72,12 @@ def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]
     if peer is not None:
         steps["HF eager, bf16 autocast"] = autocast(peer)
         steps["HF eager, cast to bf16"] = plain(to_bf16_copy(peer), xb)
-    seconds = median_times(steps, rounds)
+    ms = compare(steps, rounds)
     with torch.inference_mode():
         reference = model(x)
         drift = float((cast(xb).float() - reference).abs().max() / reference.abs().max())
-    rows = [{"model": INFER[name], "batch": batch, "impl": impl, "img_s": batch / s,
-             "ms": s * 1e3} for impl, s in seconds.items()]
+    rows = [{"model": INFER[name], "batch": batch, "impl": impl, "img_s": batch * 1e3 / t,
+             "ms": t} for impl, t in ms.items()]
     rivals = [r["img_s"] for r in rows
               if r["impl"] in ("vistra bf16 autocast", "HF eager, bf16 autocast")]
     for r in rows:
@@ -122,11 +109,10 @@ def recipe_step_rows(rounds: int) -> list[dict]:
     28x28 images), fp32 and bf16 autocast interleaved."""
     rows = []
     for name in ("vit_fmnist", "swin_fmnist"):
-        seconds = median_times({"fp32": recipe_steps(name, False),
+        ms = compare({"fp32": recipe_steps(name, False),
                                 "bf16": recipe_steps(name, True)}, rounds)
-        rows.append({"model": name, "fp32_ms": seconds["fp32"] * 100,
-                     "bf16_ms": seconds["bf16"] * 100,
-                     "speedup": seconds["fp32"] / seconds["bf16"]})
+        rows.append({"model": name, "fp32_ms": ms["fp32"] / 10, "bf16_ms": ms["bf16"] / 10,
+                     "speedup": ms["fp32"] / ms["bf16"]})
     return rows
 
 
@@ -210,9 +196,9 @@ def attention_row(label: str, shape: tuple[int, int, int, int], dtype: torch.dty
             w.add_(bias)
         return w.softmax(-1) @ v
     with torch.inference_mode():
-        t = median_times({"sdpa": sdpa, "explicit": explicit}, 3 * rounds)
+        t = compare({"sdpa": sdpa, "explicit": explicit}, 3 * rounds)
     return {"shape": label, "dtype": str(dtype).removeprefix("torch."),
-            "sdpa_ms": t["sdpa"] * 1e3, "explicit_ms": t["explicit"] * 1e3,
+            "sdpa_ms": t["sdpa"], "explicit_ms": t["explicit"],
             "speedup": t["sdpa"] / t["explicit"]}
 
 
@@ -222,19 +208,19 @@ def linear_row(label: str, m: int, k: int, n: int, rounds: int) -> dict:
     packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
     fused = torch.ops.mkldnn._linear_pointwise
     with torch.inference_mode():
-        t = median_times({"linear": lambda: F.linear(x, w, bias),
+        t = compare({"linear": lambda: F.linear(x, w, bias),
                           "packed": lambda: fused(x, packed, bias, "none", [], "")},
                          3 * rounds)
     flops = 2 * m * k * n
-    return {"shape": label, "linear_gflops": flops / t["linear"] / 1e9,
-            "packed_gflops": flops / t["packed"] / 1e9, "speedup": t["linear"] / t["packed"]}
+    return {"shape": label, "linear_gflops": flops / t["linear"] / 1e6,
+            "packed_gflops": flops / t["packed"] / 1e6, "speedup": t["linear"] / t["packed"]}
 
 
 def gemm_peaks(rounds: int) -> dict[str, float]:
     steps, flops = {}, 0
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         steps[label], flops = gemm_step(dtype)
-    return {k: flops / s / 1e9 for k, s in median_times(steps, rounds).items()}
+    return {k: flops / ms / 1e6 for k, ms in compare(steps, rounds).items()}
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> list[str]:

@@ -71,7 +71,7 @@ def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]
              "vistra fp32": plain(model, x)}
     if peer is not None:
         steps["HF eager, bf16 autocast"] = autocast(peer)
-        steps["HF eager, cast to bf16"] = plain(to_bf16_copy(peer), xb)
+        steps["HF eager, cast to bf16"] = plain(copy.deepcopy(peer).to(torch.bfloat16), xb)
     ms = compare(steps, rounds)
     with torch.inference_mode():
         reference = model(x)
@@ -84,10 +84,6 @@ def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]
         r["ratio"] = r["img_s"] / max(rivals)
         r["drift"] = drift if r["impl"].startswith("vistra bf16 (") else None
     return rows
-
-
-def to_bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).to(torch.bfloat16)
 
 
 def training_rows(name: str, rounds: int, tiny: bool) -> list[dict]:

@@ -14,7 +14,7 @@ from PIL import Image
 import vistra
 from vistra.cli import main
 from vistra.explain import Explanation, explain, explain_batch, methods_for, overlay
-from vistra.explain.faithfulness import auc, curves
+from vistra.explain.faithfulness import BASELINES, auc, curves, evaluate, random_grid_maps
 from vistra.models import SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 from vistra.weights.vistra_file import save_checkpoint
 
@@ -248,6 +248,27 @@ def test_deletion_of_the_evidence_drops_the_probability_faster_than_a_random_ord
     assert (auc(deletion) < auc(rand_del) - 0.2).all()
     assert (auc(insertion) > auc(rand_ins)).all()
     assert torch.allclose(deletion[:, 4:], deletion[:, -1:])  # a quarter removed: all of it
+
+
+def test_the_random_grid_baseline_ranks_pixels_in_patch_sized_blobs():
+    """Neighbours inside a patch share most of their value; the per-pixel baseline's do not."""
+    model = tiny_vit()
+    maps = random_grid_maps(model, torch.zeros(64, 3, 16, 16), torch.Generator().manual_seed(0))
+    assert maps.shape == (64, 16, 16)
+    step = (maps[:, :, 1:] - maps[:, :, :-1]).abs().mean()
+    pixels = torch.rand(64, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert step < 0.4 * (pixels[:, :, 1:] - pixels[:, :, :-1]).abs().mean()
+
+
+def test_evaluate_scores_every_method_and_both_baselines():
+    model = tiny_vit(distilled=False)
+    x, labels = torch.randn(6, 3, 16, 16), torch.arange(6) % 5
+    report = evaluate(model, x, labels, ["rollout", "grad-rollout"], steps=4, batch_size=4)
+    assert list(report.scores) == ["rollout", "grad-rollout", *BASELINES]
+    for name, score in report.scores.items():
+        assert 0 <= score.deletion <= 1 and 0 <= score.insertion <= 1
+        assert (score.randomised_spearman is None) == (name in BASELINES)
+    assert all(b in report.format() for b in BASELINES)
 
 
 def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: int = 8):

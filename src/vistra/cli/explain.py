@@ -55,10 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the last; default: the one before the last)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
-                   help="deletion / insertion AUC of each method and of a random order over "
-                        "the labelled images of --data, and the rank correlation with the "
-                        "maps of a re-initialised model; a table, and DIR/faithfulness.json "
-                        "with --out")
+                   help="deletion / insertion AUC of each method and of two random orders "
+                        "(by pixel, and by the model's patch grid) over the labelled images "
+                        "of --data, and the rank correlation with the maps of a "
+                        "re-initialised model; a table, and DIR/faithfulness.json with --out")
     g.add_argument("--data", metavar="DIR",
                    help="class-per-folder images, or a folder with train/ and val/ or test/ "
                         "(the val/test part is used)")

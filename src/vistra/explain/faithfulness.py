@@ -7,8 +7,10 @@ mean colour in `steps` equal steps and follow the target class's probability: a 
 map makes it fall fast (low area under the curve). Insertion: start from a blurred copy
 (Gaussian, sigma a tenth of the side) and put the pixels back in the same order: the
 probability should rise fast (high area). A map no better than chance scores as the random
-order does. Pixels are those of the model's input (after the evaluation transform); ties in
-a map are broken at random, so a coarse map is not favoured by the raster order.
+order does; a random map on the model's token grid is the control of the maps' grain
+(`random_grid_maps`). Pixels are those of the model's input (after the evaluation
+transform); ties in a map are broken at random, so a coarse map is not favoured by the
+raster order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from torch import nn
 from vistra.data import load_rgb, scan_image_folder
 
 RANDOM = "random"  # the name of the baseline order in reports
+RANDOM_GRID = "random-grid"  # random values per token, upsampled as the maps are
+BASELINES = (RANDOM, RANDOM_GRID)
 
 
 def blurred(x: torch.Tensor, sigma_fraction: float = 0.1) -> torch.Tensor:
@@ -38,6 +42,20 @@ def blurred(x: torch.Tensor, sigma_fraction: float = 0.1) -> torch.Tensor:
     x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, -1).repeat(C, 1, 1, 1), groups=C)
     return F.conv2d(x, kernel.view(1, 1, -1, 1).repeat(C, 1, 1, 1), groups=C)
+
+
+def random_grid_maps(model: nn.Module, x: torch.Tensor,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """[B, H, W] maps of random values on the model's token grid (one per patch), upsampled
+    bilinearly to the input as the methods' maps are. The control for a coarse map: every
+    method ranks pixels in blobs of about a patch, and deleting pixels scattered at random
+    changes an image more than deleting the same number in a few blobs, so a map should be
+    measured against a random order of the same grain too."""
+    stride = getattr(model.patch_embed, "reduction", None) or model.patch_embed.patch_size
+    B, _, H, W = x.shape
+    grid = torch.rand(B, 1, -(-H // stride), -(-W // stride), generator=generator)
+    up = F.interpolate(grid, scale_factor=stride, mode="bilinear")
+    return up[:, 0, :H, :W]
 
 
 def pixel_order(heat: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,7 +135,7 @@ class FaithfulnessReport:
     images: int
     steps: int
     accuracy: float  # of the model on the evaluated images
-    scores: dict[str, MethodScore] = field(default_factory=dict)  # method (or RANDOM) -> score
+    scores: dict[str, MethodScore] = field(default_factory=dict)  # method or baseline -> score
 
     def to_dict(self) -> dict:
         return {"images": self.images, "steps": self.steps, "accuracy": self.accuracy,
@@ -153,16 +171,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, methods: l
         with torch.inference_mode():
             correct += int((model.eval()(xb.to(next(model.parameters()).device)).argmax(1).cpu()
                             == yb).sum())
-        for method in [*methods, RANDOM]:
+        for method in [*methods, *BASELINES]:
             began = time.perf_counter()
             if method == RANDOM:
                 maps = torch.rand(xb.shape[0], *xb.shape[-2:], generator=generator)
+            elif method == RANDOM_GRID:
+                maps = random_grid_maps(model, xb, generator)
             else:
                 maps, _ = explain_batch(model, xb, method, yb, **options)
             seconds = time.perf_counter() - began
             deletion, insertion = curves(model, xb, maps, yb, steps=steps, generator=generator)
             corr = 0.0
-            if randomised is not None and method != RANDOM:
+            if randomised is not None and method not in BASELINES:
                 corr = float(spearman(maps, explain_batch(randomised, xb, method, yb,
                                                           **options)[0]).sum())
             acc = sums.setdefault(method, [0.0, 0.0, 0.0, 0.0])
@@ -174,7 +194,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, methods: l
     for method, (deletion, insertion, seconds, corr) in sums.items():
         report.scores[method] = MethodScore(
             deletion / n, insertion / n, seconds / n,
-            corr / n if randomised is not None and method != RANDOM else None)
+            corr / n if randomised is not None and method not in BASELINES else None)
     return report
 
 

@@ -15,6 +15,7 @@ import vistra
 from vistra.cli import main
 from vistra.explain import Explanation, explain, explain_batch, methods_for, overlay
 from vistra.explain.faithfulness import BASELINES, auc, curves, evaluate, random_grid_maps
+from vistra.explain.imputation import NEIGHBOURS, linear_imputation
 from vistra.models import SwinConfig, SwinTransformer, VisionTransformer, ViTConfig
 from vistra.weights.vistra_file import save_checkpoint
 
@@ -115,6 +116,46 @@ def tiny_swin(**kw) -> SwinTransformer:
     return SwinTransformer(SwinConfig(**{**cfg, **kw})).eval()
 
 
+def reference_scorecam(model: SwinTransformer, x: torch.Tensor, target: list[int],
+                       stage: int) -> torch.Tensor:
+    """Score-CAM as its authors' loop (haofanwang/Score-CAM, cam/scorecam.py), one image and
+    one channel at a time: the channel's map upsampled and scaled to [0, 1] masks the input,
+    the target's softmax probability weighs the channel; the sum over channels, clamped at 0
+    on the token grid."""
+    read = []
+    hook = model.layers[stage].blocks[-1].norm1.register_forward_hook(
+        lambda m, i, o: read.append(o))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    features = read[0].permute(0, 3, 1, 2)  # [B, C, h, w]
+    out = []
+    for b, t in enumerate(target):
+        cam = torch.zeros(features.shape[2:])
+        for k in range(features.shape[1]):
+            up = F.interpolate(features[b:b + 1, k:k + 1], size=x.shape[-2:], mode="bilinear")
+            if up.max() == up.min():
+                continue
+            mask = (up - up.min()) / (up.max() - up.min())
+            with torch.no_grad():
+                cam += model(x[b:b + 1] * mask).softmax(-1)[0, t] * features[b, k]
+        out.append(cam.clamp(min=0))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_scorecam_equals_its_authors_loop(stage):
+    from vistra.explain.swin import scorecam
+
+    model = tiny_swin()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(stage))
+    cam, logits, stride = scorecam(model, x, torch.tensor([0, 2]), stage, batch_size=5)
+    assert stride == 4 * 2 ** stage and cam.shape == (2, 8 // 2 ** stage, 8 // 2 ** stage)
+    torch.testing.assert_close(cam, reference_scorecam(model, x, [0, 2], stage),
+                               atol=1e-6, rtol=1e-5)
+    assert cam.abs().max() > 1e-3  # not trivially equal
+
+
 @pytest.mark.parametrize("block,query", [(0, (0.4, 0.6)), (1, (0.5, 0.5)), (1, (0.1, 0.9))])
 def test_window_map_covers_exactly_the_querys_window_in_image_coordinates(block, query):
     """Swin-T's layout at 32 px: an 8x8 map in windows of 4, block 1 shifted by 2. Unrolled,
@@ -154,7 +195,7 @@ def test_pil_map_is_at_the_images_size_and_zero_outside_the_centre_crop():
 def test_explain_is_the_top_level_function_and_leaves_the_model_as_it_was():
     model = vistra.create_model("swin_fmnist").train()
     assert vistra.explain is explain
-    assert methods_for(model) == ("gradcam", "window")
+    assert methods_for(model) == ("gradcam", "scorecam", "window")
     e = vistra.explain(model, torch.randn(1, 28, 28), target=3)
     assert e.target == 3 and e.map.shape == (28, 28)
     assert model.training
@@ -243,11 +284,82 @@ def test_deletion_of_the_evidence_drops_the_probability_faster_than_a_random_ord
     oracle = torch.zeros(2, 16, 16)
     oracle[:, :8, :8] = 1
     target = torch.ones(2, dtype=torch.long)
-    deletion, insertion = curves(model, x, oracle, target, steps=16)
-    rand_del, rand_ins = curves(model, x, torch.rand(2, 16, 16), target, steps=16)
+    deletion, insertion, _ = curves(model, x, oracle, target, steps=16)
+    rand_del, rand_ins, _ = curves(model, x, torch.rand(2, 16, 16), target, steps=16)
     assert (auc(deletion) < auc(rand_del) - 0.2).all()
     assert (auc(insertion) > auc(rand_ins)).all()
     assert torch.allclose(deletion[:, 4:], deletion[:, -1:])  # a quarter removed: all of it
+
+
+def dense_imputation(x: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """ROAD's noise-free linear imputation, pixel by pixel into a dense system: each removed
+    pixel equals the weighted mean of its neighbours inside the image."""
+    C, H, W = x.shape
+    unknowns = [(r, c) for r in range(H) for c in range(W) if removed[r, c]]
+    index = {p: i for i, p in enumerate(unknowns)}
+    A = torch.zeros(len(unknowns), len(unknowns), dtype=torch.float64)
+    b = torch.zeros(len(unknowns), C, dtype=torch.float64)
+    for i, (r, c) in enumerate(unknowns):
+        for (dr, dc), w in NEIGHBOURS:
+            rr, cc = r + dr, c + dc
+            if 0 <= rr < H and 0 <= cc < W:
+                A[i, i] += w
+                if (rr, cc) in index:
+                    A[i, index[rr, cc]] -= w
+                else:
+                    b[i] += w * x[:, rr, cc].double()
+    out = x.clone()
+    solved = torch.linalg.solve(A, b)
+    for i, (r, c) in enumerate(unknowns):
+        out[:, r, c] = solved[i].float()
+    return out
+
+
+def test_linear_imputation_equals_a_dense_solve_of_the_neighbour_equations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 9, 11, generator=g)
+    removed = torch.rand(9, 11, generator=g) < 0.4
+    removed[0, :] = True  # a border row, and a blob touching it
+    removed[3:6, 3:7] = True
+    before = x.clone()
+    out = linear_imputation(x, removed, noise=0.0)
+    torch.testing.assert_close(out, dense_imputation(x, removed), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[:, ~removed], x[:, ~removed]) and torch.equal(x, before)
+    # a linear ramp is its own neighbour mean: holes inside the image are filled exactly
+    ramp = (0.3 * torch.arange(12.)[:, None] - 0.7 * torch.arange(12.)[None]).expand(2, 12, 12)
+    hole = torch.zeros(12, 12, dtype=torch.bool)
+    hole[3:9, 2:10], hole[10, 10] = True, True
+    torch.testing.assert_close(linear_imputation(ramp, hole, noise=0.0), ramp)
+    everything = torch.ones(9, 11, dtype=torch.bool)
+    torch.testing.assert_close(linear_imputation(x, everything),
+                               x.mean((1, 2), keepdim=True).expand_as(x))
+
+
+def test_road_deletion_does_not_reward_the_texture_of_scattered_pixels():
+    """A model whose class 1 logit grows with the top-left pixels and falls with pixel-scale
+    texture. Mean-coloured pixels scattered at random make texture, so under plain deletion a
+    random order beats the map that marks the evidence; with the pixels imputed from their
+    neighbours (ROAD) the evidence map wins by far, as it should."""
+    class Texture(torch.nn.Module):
+        def forward(self, x):
+            smooth = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+            texture = (x - smooth).abs().mean((1, 2, 3))
+            s = 4 * (x[:, :, :8, :8].mean((1, 2, 3)) - 1) - 40 * texture
+            return torch.stack([torch.zeros_like(s), s], 1)
+    model = Texture()
+    model.weight = torch.nn.Parameter(torch.zeros(1))  # a device to run on
+    ramp = torch.arange(16.)
+    x = (ramp[:, None] + ramp[None]) / 30 + torch.zeros(2, 1, 16, 16)
+    x[:, :, :8, :8] += 1.5
+    oracle = torch.zeros(2, 16, 16)
+    oracle[:, :8, :8] = 1
+    target = torch.ones(2, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    ours = curves(model, x, oracle, target, steps=16, road=True, generator=g)
+    chance = curves(model, x, torch.rand(2, 16, 16, generator=g), target, steps=16, road=True,
+                    generator=g)
+    assert (auc(chance.deletion) < auc(ours.deletion)).all()  # the artefact
+    assert (auc(ours.road) < auc(chance.road) - 0.3).all()
 
 
 def test_the_random_grid_baseline_ranks_pixels_in_patch_sized_blobs():
@@ -269,6 +381,11 @@ def test_evaluate_scores_every_method_and_both_baselines():
         assert 0 <= score.deletion <= 1 and 0 <= score.insertion <= 1
         assert (score.randomised_spearman is None) == (name in BASELINES)
     assert all(b in report.format() for b in BASELINES)
+    assert "ROAD" not in report.format()
+    with_road = evaluate(model, x[:2], labels[:2], ["grad-rollout"], steps=4, sanity=False,
+                         road=True)
+    assert all(0 <= s.road <= 1 for s in with_road.scores.values())
+    assert "ROAD deletion" in with_road.format()
 
 
 def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: int = 8):
@@ -331,15 +448,16 @@ def quadrant_hits(model: torch.nn.Module, method: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_gradcam_finds_the_square_on_a_swin_trained_in_seconds():
+def test_gradcam_and_scorecam_find_the_square_on_a_swin_trained_in_seconds():
     torch.manual_seed(0)
     model = SwinTransformer(SwinConfig(img_size=32, patch_size=4, in_chans=1, num_classes=4,
                                        embed_dim=32, depths=(2, 2), num_heads=(2, 4),
                                        window_size=4, conv_stem=(16, 32)))
     train_on_quadrants(model, steps=300, lr=1e-3)
-    accuracy, hits = quadrant_hits(model, "gradcam")
-    assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
-    assert hits >= 0.9, f"the map's peak is in the square's quadrant for only {hits:.0%}"
+    for method in ("gradcam", "scorecam"):
+        accuracy, hits = quadrant_hits(model, method)
+        assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
+        assert hits >= 0.9, f"{method}'s peak is in the square's quadrant for only {hits:.0%}"
 
 
 @pytest.mark.slow

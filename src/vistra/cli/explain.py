@@ -27,8 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each image, DIR/<name>.<method>.png (the image with the map over it, "
                     "class and probability in a caption, at the image's own size) and "
                     "DIR/<name>.<method>.npy (the map, floats in [0, 1]). Methods: rollout "
-                    "and grad-rollout (default) for ViT / DeiT, gradcam (default) and window "
-                    "for Swin. Existing files are never replaced without --force.")
+                    "and grad-rollout (default) for ViT / DeiT; gradcam (default), scorecam "
+                    "(slower: a forward pass per channel of the map, the most faithful) and "
+                    "window for Swin. Existing files are never replaced without --force.")
     p.add_argument("checkpoint", help="a vistra .safetensors (trained or converted)")
     p.add_argument("paths", nargs="*", metavar="IMAGE_OR_FOLDER",
                    help="image files or folders (searched recursively)")
@@ -51,8 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window: the query position as fractions of the model's input "
                         "(default: 0.5,0.5, the centre)")
     p.add_argument("--stage", type=int, metavar="S",
-                   help="gradcam: the Swin stage whose output is used (0 = the first, -1 = "
-                        "the last; default: the one before the last)")
+                   help="gradcam, scorecam: the Swin stage read, at the LayerNorm entering "
+                        "its last block (0 = the first, -1 = the last; default: the last for "
+                        "gradcam, the first for scorecam)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "
@@ -67,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: 500)")
     g.add_argument("--steps", type=int, default=32, metavar="S",
                    help="pixel-removal steps of each curve (default: 32)")
+    g.add_argument("--road", action="store_true",
+                   help="also the deletion curve with the removed pixels imputed from their "
+                        "neighbours (ROAD, Rong et al. 2022) instead of the mean colour, so "
+                        "that scattered deletions leave no texture to read; a sparse solve "
+                        "per image and step, slow on large images")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.set_defaults(func=run)
 
@@ -78,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--out DIR is required: the folder to write the maps to")
     if args.evaluate and not args.data:
         raise ValueError("--evaluate needs --data DIR, a folder of labelled images")
+    if args.road and not args.evaluate:
+        raise ValueError("--road is a faithfulness score: add --evaluate --data DIR")
     for option in ("topk", "limit", "steps"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option} must be 1 or more, got {getattr(args, option)}")
@@ -92,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                                topk=args.topk, with_grid=args.grid, force=args.force, **options)
     if args.evaluate:
         evaluate_folder(model, Path(args.data), methods, args.out and Path(args.out),
-                        limit=args.limit, steps=args.steps, force=args.force, **options)
+                        limit=args.limit, steps=args.steps, road=args.road, force=args.force,
+                        **options)
     for path, reason in failed:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     return 1 if failed else 0
@@ -223,8 +233,8 @@ def _top_classes(model: torch.nn.Module, image, k: int) -> list[int]:
 
 
 def evaluate_folder(model: torch.nn.Module, data: Path, methods: list[str], out: Path | None,
-                    *, limit: int = 500, steps: int = 32, force: bool = False,
-                    **options) -> dict:
+                    *, limit: int = 500, steps: int = 32, road: bool = False,
+                    force: bool = False, **options) -> dict:
     """Faithfulness of each method over up to `limit` labelled images of `data`: prints the
     table, writes out/faithfulness.json when `out` is given, returns the report as a dict."""
     if out is not None:
@@ -232,7 +242,7 @@ def evaluate_folder(model: torch.nn.Module, data: Path, methods: list[str], out:
     x, labels = load_labelled(model, data, limit)
     print(f"faithfulness of {', '.join(methods)} on {len(labels)} images of {data}",
           file=sys.stderr)
-    report = evaluate(model, x, labels, methods, steps=steps, **options)
+    report = evaluate(model, x, labels, methods, steps=steps, road=road, **options)
     print(report.format())
     result = report.to_dict()
     if out is not None:

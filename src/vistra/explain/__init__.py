@@ -12,8 +12,9 @@ import ...`, which always reaches the package (`import vistra.explain as x` bind
 function, as the attribute wins there).
 
 Methods: `rollout` and `grad-rollout` (the default) for ViT / DeiT / R50 hybrid,
-`gradcam` (the default) and `window` for Swin. Each runs the model's normal forward with its
-fast paths on; attention weights are recorded only for the duration of the call.
+`gradcam` (the default), `scorecam` and `window` for Swin. Each runs the model's normal
+forward with its fast paths on; attention weights are recorded only for the duration of the
+call.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from vistra.models import SwinTransformer, VisionTransformer
 
 from .attention import grad_rollout, rollout
 from .render import overlay
-from .swin import gradcam, window_attention
+from .swin import gradcam, scorecam, window_attention
 
-METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "window")
+METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "scorecam", "window")
 _FAMILY_METHODS = {  # the default first
     VisionTransformer: ("grad-rollout", "rollout"),
-    SwinTransformer: ("gradcam", "window"),
+    SwinTransformer: ("gradcam", "scorecam", "window"),
 }
 
 __all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
@@ -88,15 +89,16 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
 
 def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
                   target: torch.Tensor | None = None, *, block: int | None = None,
-                  query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  query: tuple[float, float] = (0.5, 0.5), stage: int | None = None,
+                  layer: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
     [B, K]). target [B] class indices, or None for each image's predicted class.
 
-    `stage` picks the Swin stage Grad-CAM reads (None: the one before the last); `block`
-    (index over the model's Swin blocks, None: the first shifted one) and `query` (row,
-    column as fractions of the input) pick what `window` shows. The model runs in eval mode
-    for the call."""
+    `stage` picks the Swin stage Grad-CAM and Score-CAM read, at its last block's norm1
+    (None: the last for Grad-CAM, the first for Score-CAM), or `layer` the module whose
+    [B, h, w, C] output they read; `block` (index over the model's
+    Swin blocks, None: the first shifted one) and `query` (row, column as fractions of the
+    input) pick what `window` shows. The model runs in eval mode for the call."""
     method = _check_method(model, method)
     device = next(model.parameters()).device
     x = x.to(device)
@@ -111,8 +113,9 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
         elif method == "grad-rollout":
             grid, logits = grad_rollout(model, x, target)
             stride, mode = model.patch_embed.reduction, "bilinear"
-        elif method == "gradcam":
-            grid, logits, stride = gradcam(model, x, target, stage)
+        elif method in ("gradcam", "scorecam"):
+            cam = gradcam if method == "gradcam" else scorecam
+            grid, logits, stride = cam(model, x, target, stage, layer=layer)
             mode = "bilinear"
         else:  # window: keep the tokens' squares visible
             grid, logits, stride = window_attention(model, x, block, query)

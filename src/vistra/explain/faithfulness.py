@@ -8,9 +8,11 @@ map makes it fall fast (low area under the curve). Insertion: start from a blurr
 (Gaussian, sigma a tenth of the side) and put the pixels back in the same order: the
 probability should rise fast (high area). A map no better than chance scores as the random
 order does; a random map on the model's token grid is the control of the maps' grain
-(`random_grid_maps`). Pixels are those of the model's input (after the evaluation
-transform); ties in a map are broken at random, so a coarse map is not favoured by the
-raster order.
+(`random_grid_maps`). ROAD deletion (Rong et al. 2022, on request) fills the removed pixels
+from their neighbours instead of the mean colour, so that neither the mask's shape nor the
+texture of scattered constant pixels tells the model anything (`imputation`). Pixels are
+those of the model's input (after the evaluation transform); ties in a map are broken at
+random, so a coarse map is not favoured by the raster order.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vistra.data import load_rgb, scan_image_folder
+
+from .imputation import linear_imputation
 
 RANDOM = "random"  # the name of the baseline order in reports
 RANDOM_GRID = "random-grid"  # random values per token, upsampled as the maps are
@@ -65,12 +70,20 @@ def pixel_order(heat: torch.Tensor, generator: torch.Generator | None = None) ->
     return shuffle[ranked]
 
 
+class Curves(NamedTuple):
+    """Target-class probabilities [B, steps + 1] along each curve."""
+    deletion: torch.Tensor  # pixels replaced by the image's mean colour
+    insertion: torch.Tensor  # pixels put back into a blurred copy
+    road: torch.Tensor | None  # deletion with the pixels imputed from their neighbours
+
+
 @torch.inference_mode()
 def curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor, *,
-           steps: int = 32, generator: torch.Generator | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target-class probabilities along deletion and insertion, each [B, steps + 1], for
-    images x [B, C, H, W] and maps [B, H, W] at the input's resolution."""
+           steps: int = 32, generator: torch.Generator | None = None, road: bool = False
+           ) -> Curves:
+    """The deletion and insertion curves (and with `road`, deletion with noisy linear
+    imputation, `imputation.linear_imputation`) for images x [B, C, H, W] and maps [B, H, W]
+    at the input's resolution."""
     model.eval()
     device = next(model.parameters()).device
     B, C, H, W = x.shape
@@ -83,13 +96,18 @@ def curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: torch.
     mean = x.mean(dim=(2, 3), keepdim=True)[:, None]
     blur = blurred(x)[:, None]
     image = x[:, None]
+    sequences = [torch.where(chosen, mean, image), torch.where(chosen, image, blur)]
+    if road:
+        sequences.append(torch.stack([
+            torch.stack([linear_imputation(x[b], chosen[b, k, 0], generator=generator)
+                         for k in range(steps + 1)]) for b in range(B)]))
     probs = []
-    for sequence in (torch.where(chosen, mean, image), torch.where(chosen, image, blur)):
+    for sequence in sequences:
         logits = torch.cat([model(chunk.to(device)).float().cpu()
                             for chunk in sequence.flatten(0, 1).split(256)])
         p = logits.softmax(-1).view(B, steps + 1, -1)
         probs.append(p.gather(2, target.view(B, 1, 1).expand(B, steps + 1, 1))[..., 0])
-    return probs[0], probs[1]
+    return Curves(probs[0], probs[1], probs[2] if road else None)
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
@@ -125,6 +143,7 @@ class MethodScore:
     insertion: float  # mean AUC, higher is better
     seconds_per_image: float  # the map alone, batched
     randomised_spearman: float | None = None  # vs the re-initialised model; near 0 is good
+    road: float | None = None  # mean AUC of deletion with linear imputation, lower is better
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -142,24 +161,29 @@ class FaithfulnessReport:
                 "methods": {m: s.to_dict() for m, s in self.scores.items()}}
 
     def format(self) -> str:
+        road = any(s.road is not None for s in self.scores.values())
         lines = [f"{self.images} images, {self.steps} steps, model accuracy "
                  f"{100 * self.accuracy:.1f}%",
                  f"{'method':<14} {'deletion AUC':>13} {'insertion AUC':>14} "
-                 f"{'s / image':>10} {'rank corr. vs random model':>27}"]
+                 + (f"{'ROAD deletion':>14} " if road else "")
+                 + f"{'s / image':>10} {'rank corr. vs random model':>27}"]
         for name, s in self.scores.items():
             corr = "" if s.randomised_spearman is None else f"{s.randomised_spearman:+.3f}"
             lines.append(f"{name:<14} {s.deletion:>13.3f} {s.insertion:>14.3f} "
-                         f"{s.seconds_per_image:>10.4f} {corr:>27}")
-        lines.append("deletion: lower is better; insertion: higher is better")
+                         + (f"{s.road:>14.3f} " if road else "")
+                         + f"{s.seconds_per_image:>10.4f} {corr:>27}")
+        lines.append("deletion" + (" and ROAD deletion" if road else "")
+                     + ": lower is better; insertion: higher is better")
         return "\n".join(lines)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, methods: list[str], *,
              steps: int = 32, batch_size: int = 32, sanity: bool = True, seed: int = 0,
-             **options) -> FaithfulnessReport:
-    """Deletion / insertion AUC per method and for a random order, on preprocessed images
-    x [N, C, H, W] explained for their labels [N]; with `sanity`, each method's rank
-    correlation between the maps of the model and of a re-initialised copy."""
+             road: bool = False, **options) -> FaithfulnessReport:
+    """Deletion / insertion AUC per method and for the random orders (`BASELINES`), on
+    preprocessed images x [N, C, H, W] explained for their labels [N]; with `road`, ROAD
+    deletion too; with `sanity`, each method's rank correlation between the maps of the
+    model and of a re-initialised copy."""
     from . import explain_batch
 
     generator = torch.Generator().manual_seed(seed)
@@ -180,21 +204,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, methods: l
             else:
                 maps, _ = explain_batch(model, xb, method, yb, **options)
             seconds = time.perf_counter() - began
-            deletion, insertion = curves(model, xb, maps, yb, steps=steps, generator=generator)
+            found = curves(model, xb, maps, yb, steps=steps, generator=generator, road=road)
             corr = 0.0
             if randomised is not None and method not in BASELINES:
                 corr = float(spearman(maps, explain_batch(randomised, xb, method, yb,
                                                           **options)[0]).sum())
-            acc = sums.setdefault(method, [0.0, 0.0, 0.0, 0.0])
-            for i, value in enumerate((float(auc(deletion).sum()), float(auc(insertion).sum()),
-                                       seconds, corr)):
+            acc = sums.setdefault(method, [0.0] * 5)
+            for i, value in enumerate((
+                    float(auc(found.deletion).sum()), float(auc(found.insertion).sum()),
+                    seconds, corr, float(auc(found.road).sum()) if road else 0.0)):
                 acc[i] += value
     n = len(x)
     report = FaithfulnessReport(n, steps, correct / max(n, 1))
-    for method, (deletion, insertion, seconds, corr) in sums.items():
+    for method, (deletion, insertion, seconds, corr, road_deletion) in sums.items():
         report.scores[method] = MethodScore(
             deletion / n, insertion / n, seconds / n,
-            corr / n if randomised is not None and method not in BASELINES else None)
+            corr / n if randomised is not None and method not in BASELINES else None,
+            road_deletion / n if road else None)
     return report
 
 

@@ -1,17 +1,25 @@
-"""Swin's maps: Grad-CAM on a stage's token map (the default), and the window attention of
-one query token placed back into image coordinates (for teaching W-MSA and SW-MSA).
+"""Swin's maps: Grad-CAM on a stage's token map (the default), Score-CAM on another, and the
+window attention of one query token placed back into image coordinates (for teaching W-MSA
+and SW-MSA).
 
 Swin has no class token, and each attention sees only its window, so rollout has no row to
-read; Grad-CAM (Selvaraju et al. 2017) needs only a spatial feature map and the gradient of
-the class score, and Swin keeps one ([B, H, W, C]) at every stage. Which stage: the one
-before the last, by measurement (benchmarks/explain.md): on a task whose answer is known
-(tests/test_explain.py) its maps found the object where the last stage's, at half the
-resolution and just before the final LayerNorm, often pointed elsewhere.
+read; the CAM family needs only a spatial feature map, and Swin keeps one ([B, H, W, C]) at
+every stage. Grad-CAM (Selvaraju et al. 2017) weighs its channels by the gradient of the
+class score: one forward and backward. Score-CAM (Wang et al. 2020) weighs each channel by
+the class probability of the input masked by that channel's map: a forward per channel,
+and the most faithful maps measured here. Which layer each reads, by measurement
+(benchmarks/explain.md, docs/explain.md): the LayerNorm at the entry of a stage's last block
+(its norm1, as pytorch-grad-cam's tutorials/vision_transformers.md also reads Swin), of the
+last stage for Grad-CAM and of the first for Score-CAM. There both found the object on a
+task whose answer is known (tests/test_explain.py), and on Fashion-MNIST deleted the
+evidence faster than random orders, where the stages' raw outputs did no better than a
+random order of the same grain under Grad-CAM.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vistra.models import SwinTransformer, capture_attention
@@ -19,34 +27,84 @@ from vistra.models.swin import SwinBlock
 
 
 def gradcam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
-            stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """relu(sum_c mean_hw(dS/dF_c) F_c) on the output F of `model.layers[stage]`, S the
-    target class's logit; stage None: the one before the last (the only one if just one).
+            stage: int | None = None, *, layer: nn.Module | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """relu(sum_c mean_hw(dS/dF_c) F_c), S the target class's logit, F the output of `layer`;
+    layer None: the norm1 of the last block of `model.layers[stage]`, stage None: the last.
 
     x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, h, w], logits,
     pixels per token of the map)."""
-    if stage is None:
-        stage = max(len(model.layers) - 2, 0)
-    stage = range(len(model.layers))[stage]
-    captured: list[torch.Tensor] = []
-
-    def keep(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        captured.append(output)
-
-    handle = model.layers[stage].register_forward_hook(keep)
+    layer, stage = cam_layer(model, stage, layer, default_stage=-1)
     x = x.detach().requires_grad_(True)  # a graph even when the weights are frozen
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-    finally:
-        handle.remove()
+    with torch.enable_grad():
+        features, logits = _forward_reading(model, x, layer)
     if target is None:
         target = logits.argmax(1)
-    features = captured[0]  # [B, h, w, C]
     (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), features)
     weights = grad.mean(dim=(1, 2), keepdim=True)  # [B, 1, 1, C]
     cam = (weights * features.detach()).sum(-1).clamp(min=0)
     return cam, logits.detach(), stage_stride(model, stage)
+
+
+@torch.no_grad()
+def scorecam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
+             stage: int | None = None, *, layer: nn.Module | None = None,
+             batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """relu(sum_c w_c F_c), F the output of `layer`, w_c the target's softmax probability on
+    the input times F_c's map, upsampled to the input and scaled to [0, 1] (0 in the
+    normalised input is the dataset's mean colour). A channel whose map is constant gets
+    w_c = 0. As the authors' code (haofanwang/Score-CAM, cam/scorecam.py), in batches of
+    `batch_size` masked images. layer None: the norm1 of the last block of
+    `model.layers[stage]`, stage None: the first.
+
+    x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, h, w], logits,
+    pixels per token of the map)."""
+    layer, stage = cam_layer(model, stage, layer, default_stage=0)
+    features, logits = _forward_reading(model, x, layer)
+    if target is None:
+        target = logits.argmax(1)
+    stride = stage_stride(model, stage)
+    B, h, w, C = features.shape
+    weights = torch.zeros(B, C, device=features.device)
+    for b in range(B):
+        maps = F.interpolate(features[b].permute(2, 0, 1)[None].float(),
+                             size=(h * stride, w * stride), mode="bilinear")[0]
+        maps = maps[:, :x.shape[-2], :x.shape[-1]]  # [C, H, W]
+        low = maps.amin(dim=(1, 2), keepdim=True)
+        span = maps.amax(dim=(1, 2), keepdim=True) - low
+        varies = span.flatten() > 0
+        masks = (maps[varies] - low[varies]) / span[varies]
+        probs = torch.cat([model(x[b] * m[:, None].to(x.dtype)).float().softmax(-1)[:, target[b]]
+                           for m in masks.split(batch_size)])
+        weights[b, varies] = probs
+    cam = (features.float() * weights[:, None, None, :]).sum(-1).clamp(min=0)
+    return cam, logits, stride
+
+
+def cam_layer(model: SwinTransformer, stage: int | None, layer: nn.Module | None,
+              default_stage: int) -> tuple[nn.Module, int]:
+    """(the module to read, its stage): `layer` if given, else the norm1 of the last block of
+    `model.layers[stage]` (stage None: default_stage)."""
+    if layer is None:
+        stage = range(len(model.layers))[default_stage if stage is None else stage]
+        return model.layers[stage].blocks[-1].norm1, stage
+    found = next((i for i, s in enumerate(model.layers)
+                  if any(m is layer for m in s.modules())), None)
+    if found is None:
+        raise ValueError("layer must be a module of one of the model's stages (model.layers)")
+    return layer, found
+
+
+def _forward_reading(model: nn.Module, x: torch.Tensor, layer: nn.Module
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the output of `layer` [B, h, w, C], the logits) of one forward."""
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return captured[0], logits
 
 
 def stage_stride(model: SwinTransformer, stage: int) -> int:

@@ -110,30 +110,32 @@ def markdown(results: dict[str, dict], command: str) -> str:
     for name, r in results.items():
         lines += [f"## {name}: `{r['model']}` ({r['images']} test images, model accuracy "
                   f"{100 * r['accuracy']:.1f}%)", "",
-                  "| method | deletion AUC | insertion AUC | ROAD deletion AUC | "
+                  "| method | deletion AUC | insertion AUC | ROAD deletion AUC | empty maps | "
                   "rho vs re-initialised | s / image (batch 1) | s / image (batched) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for m, s in r["methods"].items():
             rho = "" if s["randomised_spearman"] is None else f"{s['randomised_spearman']:+.3f}"
             one = s.get("seconds_per_image_batch1")
             lines.append(f"| {m} | {s['deletion']:.3f} | {s['insertion']:.3f} | "
-                         f"{s['road']:.3f} | {rho} | "
+                         f"{s['road']:.3f} | {100 * s['empty']:.0f}% | {rho} | "
                          f"{'' if one is None else f'{one:.4f}'} | "
                          f"{s['seconds_per_image']:.4f} |")
         if "cam_layers" in r:
             cams = list(next(iter(r["cam_layers"].values())))
             lines += ["", "The CAM methods by the layer they read (a stage's output, or the "
                       "LayerNorm entering its last block); deletion / insertion / ROAD "
-                      "deletion AUC:", "",
+                      "deletion AUC, and the share of empty maps (constant, here 0 "
+                      "everywhere: every token negative before the ReLU):", "",
                       "| layer | " + " | ".join(cams) + " |", "|---|" + "---|" * len(cams)]
             for where, by_method in r["cam_layers"].items():
-                cells = [f"{s['deletion']:.3f} / {s['insertion']:.3f} / {s['road']:.3f}"
-                         for s in by_method.values()]
+                cells = [f"{s['deletion']:.3f} / {s['insertion']:.3f} / {s['road']:.3f}, "
+                         f"{100 * s['empty']:.0f}% empty" for s in by_method.values()]
                 lines.append(f"| {where} | " + " | ".join(cells) + " |")
-            lines += ["", "By default `gradcam` reads the last stage's `blocks[-1].norm1`, "
-                      "`scorecam` the first stage's, chosen on this table and on the location "
-                      "task of tests/test_explain.py, where the maps of both found the object "
-                      "for 99.5-100% of images over three seeds (docs/explain.md)."]
+            lines += ["", "By default `gradcam` reads the output of the stage before the "
+                      "last, `scorecam` the first stage's `blocks[-1].norm1`, chosen on this "
+                      "table and on the location task of tests/test_explain.py, where the "
+                      "maps of both found the object for 97.5-100% of images over three seeds "
+                      "(docs/explain.md)."]
         lines.append("")
     lines += ["## The goal: class-specific maps against the baselines and plain rollout", "",
               *goal_lines(results), ""]

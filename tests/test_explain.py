@@ -4,6 +4,7 @@ their location on a task with a known answer, and the files the command writes."
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -380,12 +381,29 @@ def test_evaluate_scores_every_method_and_both_baselines():
     for name, score in report.scores.items():
         assert 0 <= score.deletion <= 1 and 0 <= score.insertion <= 1
         assert (score.randomised_spearman is None) == (name in BASELINES)
+        assert score.empty == 0  # random weights still rank the pixels
     assert all(b in report.format() for b in BASELINES)
     assert "ROAD" not in report.format()
     with_road = evaluate(model, x[:2], labels[:2], ["grad-rollout"], steps=4, sanity=False,
                          road=True)
     assert all(0 <= s.road <= 1 for s in with_road.scores.values())
     assert "ROAD deletion" in with_road.format()
+
+
+def test_evaluate_counts_constant_maps_as_empty(monkeypatch):
+    """A constant map ranks nothing (its pixels go in random order): reported, not hidden."""
+    package = sys.modules["vistra.explain"]
+    real = package.explain_batch
+
+    def every_other_empty(*args, **kwargs):
+        maps, logits = real(*args, **kwargs)
+        maps[::2] = 0
+        return maps, logits
+    monkeypatch.setattr(package, "explain_batch", every_other_empty)
+    report = evaluate(tiny_vit(distilled=False), torch.randn(4, 3, 16, 16), torch.arange(4),
+                      ["rollout"], steps=2, sanity=False)
+    assert report.scores["rollout"].empty == 0.5
+    assert "50.0%" in report.format()
 
 
 def quadrant_squares(n: int, seed: int, single: bool, size: int = 32, square: int = 8):

@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window: the query position as fractions of the model's input "
                         "(default: 0.5,0.5, the centre)")
     p.add_argument("--stage", type=int, metavar="S",
-                   help="gradcam, scorecam: the Swin stage read, at the LayerNorm entering "
-                        "its last block (0 = the first, -1 = the last; default: the last for "
-                        "gradcam, the first for scorecam)")
+                   help="the Swin stage read (0 = the first, -1 = the last): by gradcam, "
+                        "its output (default: the stage before the last); by scorecam, the "
+                        "LayerNorm entering its last block (default: the first stage)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "

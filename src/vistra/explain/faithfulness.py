@@ -144,6 +144,7 @@ class MethodScore:
     seconds_per_image: float  # the map alone, batched
     randomised_spearman: float | None = None  # vs the re-initialised model; near 0 is good
     road: float | None = None  # mean AUC of deletion with linear imputation, lower is better
+    empty: float = 0.0  # share of maps that are constant (no ranking: a random order)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -166,12 +167,12 @@ class FaithfulnessReport:
                  f"{100 * self.accuracy:.1f}%",
                  f"{'method':<14} {'deletion AUC':>13} {'insertion AUC':>14} "
                  + (f"{'ROAD deletion':>14} " if road else "")
-                 + f"{'s / image':>10} {'rank corr. vs random model':>27}"]
+                 + f"{'empty maps':>11} {'s / image':>10} {'rank corr. vs random model':>27}"]
         for name, s in self.scores.items():
             corr = "" if s.randomised_spearman is None else f"{s.randomised_spearman:+.3f}"
             lines.append(f"{name:<14} {s.deletion:>13.3f} {s.insertion:>14.3f} "
                          + (f"{s.road:>14.3f} " if road else "")
-                         + f"{s.seconds_per_image:>10.4f} {corr:>27}")
+                         + f"{100 * s.empty:>10.1f}% {s.seconds_per_image:>10.4f} {corr:>27}")
         lines.append("deletion" + (" and ROAD deletion" if road else "")
                      + ": lower is better; insertion: higher is better")
         return "\n".join(lines)
@@ -209,18 +210,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, methods: l
             if randomised is not None and method not in BASELINES:
                 corr = float(spearman(maps, explain_batch(randomised, xb, method, yb,
                                                           **options)[0]).sum())
-            acc = sums.setdefault(method, [0.0] * 5)
+            flat = maps.flatten(1)
+            empty = float((flat.amax(1) <= flat.amin(1)).sum())
+            acc = sums.setdefault(method, [0.0] * 6)
             for i, value in enumerate((
                     float(auc(found.deletion).sum()), float(auc(found.insertion).sum()),
-                    seconds, corr, float(auc(found.road).sum()) if road else 0.0)):
+                    seconds, corr, float(auc(found.road).sum()) if road else 0.0, empty)):
                 acc[i] += value
     n = len(x)
     report = FaithfulnessReport(n, steps, correct / max(n, 1))
-    for method, (deletion, insertion, seconds, corr, road_deletion) in sums.items():
+    for method, (deletion, insertion, seconds, corr, road_deletion, empty) in sums.items():
         report.scores[method] = MethodScore(
             deletion / n, insertion / n, seconds / n,
             corr / n if randomised is not None and method not in BASELINES else None,
-            road_deletion / n if road else None)
+            road_deletion / n if road else None, empty / n)
     return report
 
 

@@ -120,6 +120,26 @@ def test_an_optimizer_step_changes_the_next_inference():
         torch.testing.assert_close(after, reference(x))
 
 
+@pytest.mark.parametrize("name_kw,size", [(SWIN, 112), (VIT, 224)])
+def test_training_fast_paths_give_the_plain_gradients(name_kw, size):
+    """Training splits q, k, v into copies with a hand-written backward (split_heads); every
+    parameter's gradient must equal autograd's through the plain views."""
+    model = small(name_kw, img_size=size).train()
+    x = torch.randn(2, 3, size, size)
+
+    def gradients():
+        model.zero_grad()
+        model(x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast = gradients()
+    with fastpath.disabled():
+        plain = gradients()
+    assert fast.keys() == plain.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], plain[name], msg=name)
+
+
 @pytest.mark.parametrize("name_kw,size", [(SWIN, 224), (SWIN, (200, 264)), (VIT, 224)])
 def test_inference_fast_paths_equal_the_autograd_paths(name_kw, size):
     """inference_mode takes the fused linears, flash attention, cached bias and in-place

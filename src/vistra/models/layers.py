@@ -88,6 +88,45 @@ class _RecomputedAttention(torch.autograd.Function):
         return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, grad_v, None
 
 
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [..., N, 3 * heads * d] (the packed projection) -> q, k, v [..., heads, N, d].
+
+    Views when no gradient is needed. In training, contiguous copies whose backward writes
+    each gradient into its slice of one buffer: autograd's own backward of the views (stack
+    the three gradients, then copy the permuted stack) took 47 ms per block at Swin-T's first
+    stage under bf16 autocast at batch 16, about 5% of a training step (benchmarks/bf16.md)."""
+    if torch.is_grad_enabled() and qkv.requires_grad and fastpath.enabled() and not tracing():
+        return _SplitHeads.apply(qkv, heads)
+    return _head_views(qkv, heads)
+
+
+def _head_views(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, ...]:
+    # explicit, non-negative permutation: ONNX's Transpose rejects negative axes
+    *lead, N, width = qkv.shape
+    L = len(lead)
+    parts = qkv.reshape(*lead, N, 3, heads, width // (3 * heads))
+    return parts.permute(L + 1, *range(L), L + 2, L, L + 3).unbind(0)
+
+
+class _SplitHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        return tuple(p.clone(memory_format=torch.contiguous_format)
+                     for p in _head_views(qkv, heads))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        like = next(g for g in grads if g is not None)
+        *lead, heads, N, d = like.shape
+        out = like.new_empty(*lead, N, 3, heads, d)
+        for i, grad in enumerate(grads):
+            if grad is None:
+                out.select(-3, i).zero_()
+            else:
+                out.select(-3, i).copy_(grad.transpose(-2, -3))
+        return out.view(*lead, N, 3 * heads * d), None
+
+
 def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return (q @ k.transpose(-2, -1)).mul_(scale).softmax(dim=-1)
 

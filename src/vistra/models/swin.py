@@ -28,6 +28,7 @@ from .layers import (
     check_image_batch,
     drop_path_rates,
     init_weights,
+    split_heads,
     to_2tuple,
     tracing,
 )
@@ -211,8 +212,7 @@ class WindowAttention(nn.Module, AttentionRecorder):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """x [B, nW, N, C], mask [nW, N, N] or None -> [B, nW, N, C]."""
         B, nW, N, C = x.shape
-        qkv = self.qkv(x).view(B, nW, N, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, nW, heads, N, d], views
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [B, nW, heads, N, d]
         bias = self._bias(q.dtype)
         if mask is not None:
             bias = bias + mask[:, None].to(q.dtype)  # [nW, heads, N, N]

@@ -25,6 +25,7 @@ from .layers import (
     check_image_batch,
     drop_path_rates,
     init_weights,
+    split_heads,
     to_2tuple,
     tracing,
 )
@@ -99,7 +100,7 @@ class Attention(nn.Module, AttentionRecorder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [B, heads, N, d]
         x, weights = attention(q, k, v, scale=self.scale, need_weights=self.record,
                                dropout_p=self.attn_drop if self.training else 0.0)
         if self.record:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from vistra.explain import explain, methods_for
 from vistra.explain.faithfulness import BASELINES, evaluate, load_labelled
 from vistra.explain.render import colourise
 from vistra.weights import load_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inference import cpu_description  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The maps that depend on the class explained (plain rollout and window attention do not).
@@ -57,7 +61,8 @@ def study(path: Path, data: Path, limit: int, steps: int, timing_images: list) -
         result["cam_layers"] = {}
         for stage, layer in enumerate(model.layers):
             for where, options in ((f"`layers[{stage}]` output", {"layer": layer}),
-                                   (f"`layers[{stage}].blocks[-1].norm1`", {"stage": stage})):
+                                   (f"`layers[{stage}].blocks[-1].norm1`",
+                                    {"layer": layer.blocks[-1].norm1})):
                 r = evaluate(model, x, labels, cams, steps=steps, sanity=False, road=True,
                              **options)
                 result["cam_layers"][where] = {m: r.scores[m].to_dict() for m in cams}
@@ -88,10 +93,11 @@ def figure(models: dict[str, torch.nn.Module], paths: list[Path], out: Path) -> 
     fig.savefig(out, dpi=110)
 
 
-def markdown(results: dict[str, dict], command: str) -> str:
+def markdown(results: dict[str, dict], command: str, machine: str) -> str:
     steps = next(iter(results.values()))["steps"]
     lines = ["# Explanations: how faithful, how fast", "",
              "Written by `benchmarks/explain.py`:", "", "```", command, "```", "",
+             machine, "",
              "Deletion: the target class's probability as the pixels the map ranks highest are "
              f"replaced by the image's mean colour in {steps} steps (lower area is better). "
              "Insertion: "
@@ -124,8 +130,8 @@ def markdown(results: dict[str, dict], command: str) -> str:
             cams = list(next(iter(r["cam_layers"].values())))
             lines += ["", "The CAM methods by the layer they read (a stage's output, or the "
                       "LayerNorm entering its last block); deletion / insertion / ROAD "
-                      "deletion AUC, and the share of empty maps (constant, here 0 "
-                      "everywhere: every token negative before the ReLU):", "",
+                      "deletion AUC, and the share of empty maps (constant: every token "
+                      "negative before the ReLU, so the map ranks the pixels at random):", "",
                       "| layer | " + " | ".join(cams) + " |", "|---|" + "---|" * len(cams)]
             for where, by_method in r["cam_layers"].items():
                 cells = [f"{s['deletion']:.3f} / {s['insertion']:.3f} / {s['road']:.3f}, "
@@ -190,7 +196,10 @@ def main() -> None:
     command = (f"python benchmarks/explain.py --vit {args.vit} --swin {args.swin} "
                f"--data {args.data} --limit {args.limit}")
     (args.out / "explain.json").write_text(json.dumps(results, indent=2))
-    (args.out / "explain.md").write_text(markdown(results, command))
+    cpu, flags = cpu_description()
+    machine = (f"Seconds measured on: {cpu}; flags: {flags}; torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads.")
+    (args.out / "explain.md").write_text(markdown(results, command, machine))
     for name, r in results.items():
         print(name, "deletion AUC", {m: round(s["deletion"], 3) for m, s in r["methods"].items()},
               "ROAD", {m: round(s["road"], 3) for m, s in r["methods"].items()})

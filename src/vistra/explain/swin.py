@@ -12,7 +12,8 @@ and the most faithful maps measured here. Which layer each reads, by measurement
 Score-CAM the LayerNorm entering the first stage's last block. Both found the object on a
 task whose answer is known (tests/test_explain.py) for 97.5-100% of images; Grad-CAM on the
 LayerNorm of the last stage (pytorch-grad-cam's choice for Swin) deleted faster on
-Fashion-MNIST but gave an empty map (negative everywhere) for a quarter of the images.
+Fashion-MNIST but gave an empty map (negative everywhere) for 10-23% of the images (two
+checkpoints of the recipe).
 """
 
 from __future__ import annotations

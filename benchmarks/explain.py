@@ -28,10 +28,10 @@ from vistra.explain.faithfulness import BASELINES, evaluate, load_labelled
 from vistra.explain.render import colourise
 from vistra.weights import load_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 from inference import cpu_description  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 # The maps that depend on the class explained (plain rollout and window attention do not).
 CLASS_SPECIFIC = ("grad-rollout", "gradcam", "scorecam")
 

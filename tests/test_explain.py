@@ -157,6 +157,40 @@ def test_scorecam_equals_its_authors_loop(stage):
     assert cam.abs().max() > 1e-3  # not trivially equal
 
 
+def test_gradcam_on_the_final_norm_is_cam_and_an_all_negative_map_stays_signed():
+    """Before the average pool and the linear head, dS/dF_c = W_tc / (h w) at every token,
+    so Grad-CAM there is Zhou et al.'s CAM, relu(F W_t) / (h w) (Selvaraju et al. 2017,
+    section 3.1). With the head's row for class 0 negative and the features positive, every
+    token counts against class 0: the map is then the signed sum, not an empty map."""
+    from vistra.explain.swin import gradcam
+
+    model = tiny_swin()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    read = []
+    hook = model.norm.register_forward_hook(lambda m, i, o: read.append(o))
+    cam, _, stride = gradcam(model, x, torch.tensor([1, 2]), layer=model.norm)
+    hook.remove()
+    features = read[0].detach()
+    h, w = features.shape[1:3]
+    expected = (features @ model.head.weight[[1, 2]].detach().T)  # [B, h, w, 2]
+    expected = torch.stack([expected[0, ..., 0], expected[1, ..., 1]]) / (h * w)
+    assert stride == 8 and cam.shape == (2, h, w)
+    assert (expected > 0).any() and (expected < 0).any()  # the ReLU has work to do
+    torch.testing.assert_close(cam, expected.clamp(min=0), atol=1e-6, rtol=1e-5)
+
+    with torch.no_grad():
+        model.norm.weight.fill_(0.1)
+        model.norm.bias.fill_(1.0)  # every feature positive
+        model.head.weight[0] = -1.0
+    read.clear()
+    hook = model.norm.register_forward_hook(lambda m, i, o: read.append(o))
+    cam, _, _ = gradcam(model, x, torch.tensor([0, 0]), layer=model.norm)
+    hook.remove()
+    signed = -read[0].detach().sum(-1) / (h * w)
+    assert (signed < 0).all() and signed.std() > 0
+    torch.testing.assert_close(cam, signed, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("block,query", [(0, (0.4, 0.6)), (1, (0.5, 0.5)), (1, (0.1, 0.9))])
 def test_window_map_covers_exactly_the_querys_window_in_image_coordinates(block, query):
     """Swin-T's layout at 32 px: an 8x8 map in windows of 4, block 1 shifted by 2. Unrolled,

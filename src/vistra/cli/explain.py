@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="window: the query position as fractions of the model's input "
                         "(default: 0.5,0.5, the centre)")
     p.add_argument("--stage", type=int, metavar="S",
-                   help="the Swin stage read (0 = the first, -1 = the last): by gradcam, "
-                        "its output (default: the stage before the last); by scorecam, the "
-                        "LayerNorm entering its last block (default: the first stage)")
+                   help="the Swin stage whose LayerNorm entering its last block gradcam and "
+                        "scorecam read (0 = the first, -1 = the last; default: the last "
+                        "for gradcam, the first for scorecam)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "

@@ -94,11 +94,10 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
     """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
     [B, K]). target [B] class indices, or None for each image's predicted class.
 
-    `stage` picks the Swin stage Grad-CAM reads (its output; None: the one before the last)
-    and Score-CAM reads (the norm1 of its last block; None: the first), or `layer` the
-    module whose [B, h, w, C] output they read; `block` (index over the model's
-    Swin blocks, None: the first shifted one) and `query` (row, column as fractions of the
-    input) pick what `window` shows. The model runs in eval mode for the call."""
+    `stage` picks the Swin stage whose last block's norm1 Grad-CAM (None: the last stage)
+    and Score-CAM (None: the first) read, or `layer` the module whose [B, h, w, C] output
+    they read; `block` (index over the model's Swin blocks, None: the first shifted one)
+    and `query` (row, column as fractions of the input) pick what `window` shows. The model runs in eval mode for the call."""
     method = _check_method(model, method)
     device = next(model.parameters()).device
     x = x.to(device)

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from vistra.models import (
     SwinConfig,
@@ -85,17 +86,33 @@ def test_packed_weight_follows_every_change_of_the_weight():
         torch.testing.assert_close(linear(x.float()), expected(), atol=1e-4, rtol=1e-4)
 
 
+class OpNames(TorchDispatchMode):
+    """Records the name of every operator that reaches the dispatcher."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("tokens,with_bias", [(49, True), (49, False), (197, False)])
-def test_bf16_inference_attention_equals_the_fp32_maths(tokens, with_bias):
-    """Swin's windows (with a bias) and ViT's tokens on the explicit bf16 path."""
+def test_bf16_inference_attention_equals_the_fp32_maths(tokens, with_bias, amx, monkeypatch):
+    """Swin's windows (with a bias) and ViT's tokens, on the explicit bf16 products (a CPU
+    without AMX) and on SDPA's flash kernel (with AMX)."""
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: amx)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4, tokens, 16) for _ in range(3))
     bias = torch.randn(3, 4, tokens, tokens) if with_bias else None
     reference = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + (bias if with_bias else 0),
                               -1) @ v
-    with torch.inference_mode():
+    with torch.inference_mode(), OpNames() as ops:
         out, weights = attention(*(t.bfloat16() for t in (q, k, v)), bias=bias, scale=0.25)
     assert weights is None and out.dtype == torch.bfloat16
+    assert any("scaled_dot_product" in name for name in ops.names) == amx
     torch.testing.assert_close(out.float(), reference, atol=0.03, rtol=0.03)
 
 

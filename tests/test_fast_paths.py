@@ -14,8 +14,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vistra
-from vistra.models import fastpath
-from vistra.models.layers import Linear, attention
+from vistra.models import fastpath, layers
+from vistra.models.bf16 import to_bf16_inference
+from vistra.models.layers import DropPath, Linear, Mlp, PatchConv, add_mlp, attention
 from vistra.models.swin import (
     SwinBlock,
     SwinConfig,
@@ -177,6 +178,39 @@ def test_fast_linear_is_an_nn_linear_with_the_same_keys_and_hooks_still_fire():
     with torch.inference_mode():
         model(torch.randn(1, 3, 224, 224))
     assert seen == [(1, 197, 576), (1, 197, 768)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_patch_gemm_and_fused_residual_equal_the_plain_layers(dtype):
+    """The patch embedding as one GEMM over the cut-out patches (sizes the patch does not
+    divide: the conv's floor) and fc2's GEMM adding the residual give the plain layers'
+    answers, packed bf16 weights too; a hook on either module still sees its call."""
+    if dtype == torch.bfloat16 and torch.bfloat16 not in layers._FUSED_DTYPES:
+        pytest.skip("oneDNN has no bf16 here")
+    torch.manual_seed(0)
+    conv, mlp = PatchConv(3, 16, 4, 4), Mlp(16, 64)
+    if dtype == torch.bfloat16:
+        to_bf16_inference(conv), to_bf16_inference(mlp)
+    conv.eval(), mlp.eval()
+    image, x, h = torch.randn(2, 3, 18, 21, dtype=dtype), *torch.randn(2, 2, 3, 5, 16, dtype=dtype)
+    with fastpath.disabled(), torch.inference_mode():
+        plain_tokens, plain_sum = conv(image).permute(0, 2, 3, 1), x + mlp(h)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    with torch.inference_mode(), OpLog() as ops:
+        tokens, total = conv.tokens(image), add_mlp(x, mlp, h, DropPath(0.1).eval())
+    assert "mkldnn" in ops.namespaces and tokens.shape == (2, 4, 5, 16)
+    torch.testing.assert_close(tokens.float(), plain_tokens.float(), **tol)
+    torch.testing.assert_close(total.float(), plain_sum.float(), **tol)
+    if dtype == torch.bfloat16:
+        assert conv._packed is not None and mlp.fc2._packed is not None
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append("conv"))
+    mlp.fc2.register_forward_hook(lambda m, i, o: seen.append("fc2"))
+    with torch.inference_mode():
+        torch.testing.assert_close(conv.tokens(image).float(), plain_tokens.float(), **tol)
+        torch.testing.assert_close(add_mlp(x, mlp, h, nn.Identity()).float(), plain_sum.float(),
+                                   **tol)
+    assert seen == ["conv", "fc2"]
 
 
 def test_fused_attention_folds_windows_and_matches_the_explicit_path():

@@ -97,7 +97,8 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
     `stage` picks the Swin stage whose last block's norm1 Grad-CAM (None: the last stage)
     and Score-CAM (None: the first) read, or `layer` the module whose [B, h, w, C] output
     they read; `block` (index over the model's Swin blocks, None: the first shifted one)
-    and `query` (row, column as fractions of the input) pick what `window` shows. The model runs in eval mode for the call."""
+    and `query` (row, column as fractions of the input) pick what `window` shows. The model
+    runs in eval mode for the call."""
     method = _check_method(model, method)
     device = next(model.parameters()).device
     x = x.to(device)

@@ -15,17 +15,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Linear
+from .layers import PackedGemm
 
 
 def to_bf16_inference(model: nn.Module) -> nn.Module:
     """`model` itself, in eval mode, without gradients, with bf16 weights; its vistra Linear
-    layers keep a packed copy of their weights from their first call (see Linear). Feed it
-    bf16 images; its logits are bf16."""
+    and patch-embedding layers keep a packed copy of their weights from their first call (see
+    PackedGemm). Feed it bf16 images; its logits are bf16."""
     model.eval().requires_grad_(False)
-    with torch.inference_mode(False):  # ordinary tensors, whose versions Linear watches
+    with torch.inference_mode(False):  # ordinary tensors, whose versions PackedGemm watches
         model.to(torch.bfloat16)
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, PackedGemm):
             module.packing = True
     return model

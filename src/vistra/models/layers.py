@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -54,12 +55,19 @@ def attention(
 
 
 def _explicit_is_faster(q: torch.Tensor) -> bool:
-    """In bf16 on CPU, SDPA's flash kernel takes 1.6-2.4x the time of the explicit products
-    (matmul, softmax, matmul) for every shape vistra's models use, from Swin's 49-token
-    windows to ViT at 577 tokens, while in fp32 the two are even (benchmarks/bf16.md); a
-    ViT-S/16 training step under autocast is 10-20% faster with them. So bf16 on CPU (a bf16
-    model, or autocast) takes the explicit path."""
-    return q.dtype == torch.bfloat16 and q.device.type == "cpu" and fastpath.enabled()
+    """bf16 on a CPU whose bf16 arithmetic is AVX512_BF16 alone (AMD Zen 4/5): there SDPA's
+    flash kernel takes 1.5-1.6x the time of the explicit products (matmul, softmax, matmul)
+    for every shape vistra's models use, and a ViT-S/16 training step under autocast is
+    10-20% faster with them. With AMX (Intel Sapphire Rapids and later) the flash kernel
+    wins instead: 1.3x at Swin-T's first stage, 3.2x for ViT-B/16 at 384 (benchmarks/bf16.md).
+    In fp32 SDPA is as fast or faster everywhere."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and fastpath.enabled()
+            and not _cpu_has_amx())
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    return torch.cpu._is_amx_tile_supported()
 
 
 class _RecomputedAttention(torch.autograd.Function):
@@ -201,6 +209,7 @@ def tracing() -> bool:
 # weight kept in oneDNN's own blocked layout, 5-30% per layer (benchmarks/bf16.md).
 _fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _pack_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+_fused_binary = getattr(_fused_linear, "binary", None)  # the GEMM plus an elementwise op
 _FUSED_DTYPES = (torch.float32,) + (
     (torch.bfloat16,) if torch.backends.mkldnn.is_available()
     and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
@@ -227,32 +236,34 @@ def hooked(*modules: nn.Module) -> bool:
                for top in modules for m in top.modules())
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) taking oneDNN's fused-bias GEMM
-    when `fused_linear_applies`.
-
-    With `packing` set (vistra.models.bf16 sets it), a bf16 weight is also kept in oneDNN's
-    blocked layout, made on the first call (sized for that call's rows) and used while the
-    weight is the same tensor at the same version: an in-place change (load_state_dict, an
-    optimizer step) or a cast drops it. A write through `.data` is not seen."""
+class PackedGemm:
+    """For a module whose weight serves oneDNN's fused GEMM: with `packing` set
+    (vistra.models.bf16 sets it), a bf16 weight is also kept in oneDNN's blocked layout, made
+    on the first call (sized for that call's rows) and used while the weight is the same
+    tensor at the same version: an in-place change (load_state_dict, an optimizer step) or a
+    cast drops it. A write through `.data` is not seen."""
 
     packing: bool = False
     _packed: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight, version, packed)
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as the GEMM's [out, in] matrix."""
+        return weight
 
     def gemm_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The weight for the fused GEMM of `x`: the packed copy where there is one."""
         w = self.weight
         if not (self.packing and x.dtype == torch.bfloat16 and _pack_weight is not None):
-            return w
+            return self.matrix(w)
         try:
             version = w._version
         except RuntimeError:  # made under inference_mode: no version to watch, so no copy
-            return w
+            return self.matrix(w)
         packed = self._packed
         if packed is None or packed[0] is not w or packed[1] != version:
             rows = x.numel() // x.shape[-1]
             with torch.inference_mode(False), torch.no_grad():
-                packed = w, version, _pack_weight(w.detach(), rows)
+                packed = w, version, _pack_weight(self.matrix(w.detach()), rows)
             self._packed = packed
         return packed[2]
 
@@ -260,10 +271,39 @@ class Linear(nn.Linear):
         self._packed = None
         return super()._apply(fn, recurse)
 
+
+class Linear(PackedGemm, nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) taking oneDNN's fused-bias GEMM
+    when `fused_linear_applies`, with the weight packed where `packing` is set."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_linear_applies(x, self.weight):
             return _fused_linear(x, self.gemm_weight(x), self.bias, "none", [], "")
         return super().forward(x)
+
+
+class PatchConv(PackedGemm, nn.Conv2d):
+    """The patch embedding, nn.Conv2d with kernel = stride (same parameters and keys), whose
+    `tokens` gives the channels-last map [B, H/p, W/p, D] the transformer reads.
+
+    Where `fused_linear_applies`, the patches are cut out in one copy and embedded by the
+    fused GEMM (a packed weight with `packing`) instead of the convolution and the copy to
+    channels-last after it: Swin-T's 4x4 patches at batch 16, 2.6 ms instead of 8.2 in bf16,
+    3.5 instead of 4.4 in fp32, on a CPU with AMX (benchmarks/bf16.md)."""
+
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)  # (c, i, j) order, as the patches below
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, pw), (sh, sw) = self.kernel_size, self.stride
+        plain_conv = (ph, pw) != (sh, sw) or self.padding != (0, 0) or self.groups != 1
+        if plain_conv or not fused_linear_applies(x, self.weight) or hooked(self):
+            return self(x).permute(0, 2, 3, 1)
+        B, C, H, W = x.shape
+        h, w = H // ph, W // pw
+        patches = x[:, :, :h * ph, :w * pw].reshape(B, C, h, ph, w, pw)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(B, h, w, C * ph * pw)
+        return _fused_linear(patches, self.gemm_weight(patches), self.bias, "none", [], "")
 
 
 class Mlp(nn.Module):
@@ -278,13 +318,28 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fc1 and GELU as one oneDNN call, unless someone hooks fc1 or act to watch them.
+        return self.drop2(self.fc2(self.drop1(self.hidden(x))))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(fc1(x)): one oneDNN call where the fused linear applies, unless someone hooks
+        fc1 or act to watch them."""
         if (fused_linear_applies(x, self.fc1.weight) and self.act.approximate == "none"
                 and not hooked(self.fc1, self.act)):
-            x = _fused_linear(x, self.fc1.gemm_weight(x), self.fc1.bias, "gelu", [], "none")
-        else:
-            x = self.act(self.fc1(x))
-        return self.drop2(self.fc2(self.drop1(x)))
+            return _fused_linear(x, self.fc1.gemm_weight(x), self.fc1.bias, "gelu", [], "none")
+        return self.act(self.fc1(x))
+
+
+def add_mlp(x: torch.Tensor, mlp: Mlp, h: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+    """x + drop_path(mlp(h)): a block's second residual. In fast-path inference fc2's GEMM adds
+    x itself (oneDNN's binary post-op), one pass over the block's output less: 1.6 ms instead
+    of 2.3 for fc2 and the add at Swin-T's first stage, bf16, batch 16, on a CPU with AMX
+    (benchmarks/bf16.md)."""
+    if (_fused_binary is not None and not (mlp.training or drop_path.training)
+            and fused_linear_applies(h, mlp.fc2.weight) and x.dtype == h.dtype
+            and x.shape[:-1] == h.shape[:-1] and x.is_contiguous() and not hooked(mlp, drop_path)):
+        hidden = mlp.hidden(h)
+        return _fused_binary(hidden, x, mlp.fc2.gemm_weight(hidden), mlp.fc2.bias, "add")
+    return add_residual(x, drop_path(mlp(h)), mlp, drop_path)
 
 
 def add_residual(x: torch.Tensor, branch: torch.Tensor, *producers: nn.Module) -> torch.Tensor:

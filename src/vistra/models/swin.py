@@ -23,6 +23,8 @@ from .layers import (
     DropPath,
     Linear,
     Mlp,
+    PatchConv,
+    add_mlp,
     add_residual,
     attention,
     check_image_batch,
@@ -125,7 +127,7 @@ class PatchEmbed(nn.Module):
         if self.backbone is not None:
             self.proj = nn.Conv2d(self.backbone.out_channels, dim, 1)
         else:
-            self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+            self.proj = PatchConv(in_chans, dim, patch_size, patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +136,8 @@ class PatchEmbed(nn.Module):
         if pad_h or pad_w or tracing():  # a graph pads by amounts computed from its input
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if self.backbone is not None:
-            x = self.backbone(x)
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+            return self.norm(self.proj(self.backbone(x)).permute(0, 2, 3, 1))
+        return self.norm(self.proj.tokens(x))
 
 
 class PatchMerging(nn.Module):
@@ -281,7 +283,7 @@ class SwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = add_residual(x, self.drop_path1(self._attend(self.norm1(x))),
                          self.attn, self.drop_path1)
-        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.mlp, self.drop_path2)
+        return add_mlp(x, self.mlp, self.norm2(x), self.drop_path2)
 
 
 class SwinStage(nn.Module):

@@ -20,6 +20,8 @@ from .layers import (
     DropPath,
     Linear,
     Mlp,
+    PatchConv,
+    add_mlp,
     add_residual,
     attention,
     check_image_batch,
@@ -73,7 +75,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(self.backbone.out_channels, cfg.embed_dim, 1)
             self.reduction = self.backbone.reduction
         else:
-            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+            self.proj = PatchConv(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
             self.reduction = cfg.patch_size
 
     def grid_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
@@ -81,8 +83,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
-            x = self.backbone(x)
-        return self.proj(x).flatten(2).transpose(1, 2)
+            return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
+        return self.proj.tokens(x).flatten(1, 2)
 
 
 class Attention(nn.Module, AttentionRecorder):
@@ -124,7 +126,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = add_residual(x, self.drop_path1(self.attn(self.norm1(x))), self.attn, self.drop_path1)
-        return add_residual(x, self.drop_path2(self.mlp(self.norm2(x))), self.mlp, self.drop_path2)
+        return add_mlp(x, self.mlp, self.norm2(x), self.drop_path2)
 
 
 class PreLogits(nn.Module):

@@ -40,7 +40,7 @@ def attention(
         bias = bias.to(q.dtype)
     grad = torch.is_grad_enabled()
     explicit = need_weights or (bias is not None and bias.requires_grad and grad)
-    if not explicit and _explicit_is_faster(q):
+    if not explicit and _explicit_is_faster(q, grad):
         if grad and bias is None and not dropout_p:
             return _RecomputedAttention.apply(q, k, v, scale), None
         explicit = not grad  # inference: the explicit path below, in place
@@ -54,15 +54,17 @@ def attention(
     return out, weights if need_weights else None
 
 
-def _explicit_is_faster(q: torch.Tensor) -> bool:
-    """bf16 on a CPU whose bf16 arithmetic is AVX512_BF16 alone (AMD Zen 4/5): there SDPA's
-    flash kernel takes 1.5-1.6x the time of the explicit products (matmul, softmax, matmul)
-    for every shape vistra's models use, and a ViT-S/16 training step under autocast is
-    10-20% faster with them. With AMX (Intel Sapphire Rapids and later) the flash kernel
-    wins instead: 1.3x at Swin-T's first stage, 3.2x for ViT-B/16 at 384 (benchmarks/bf16.md).
-    In fp32 SDPA is as fast or faster everywhere."""
+def _explicit_is_faster(q: torch.Tensor, grad: bool) -> bool:
+    """bf16 on CPU takes the explicit products (matmul, softmax, matmul) where they beat
+    SDPA's flash kernel (benchmarks/bf16.md). In training they always do, as
+    _RecomputedAttention: a ViT-S/16 step under autocast 10-20% faster on a CPU with
+    AVX512_BF16 alone (AMD Zen 4/5), 17% with AMX (Intel Sapphire Rapids and later), where
+    the flash kernel's backward is slow. In inference only without AMX, where the flash
+    kernel takes 1.5-1.6x their time for every shape vistra's models use; with AMX the flash
+    kernel wins: 1.3x at Swin-T's first stage, 3.2x for ViT-B/16 at 384. In fp32 SDPA is as
+    fast or faster everywhere."""
     return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and fastpath.enabled()
-            and not _cpu_has_amx())
+            and (grad or not _cpu_has_amx()))
 
 
 @functools.cache

@@ -137,11 +137,12 @@ def markdown(results: dict[str, dict], command: str, machine: str) -> str:
                 cells = [f"{s['deletion']:.3f} / {s['insertion']:.3f} / {s['road']:.3f}, "
                          f"{100 * s['empty']:.0f}% empty" for s in by_method.values()]
                 lines.append(f"| {where} | " + " | ".join(cells) + " |")
-            lines += ["", "By default `gradcam` reads the output of the stage before the "
-                      "last, `scorecam` the first stage's `blocks[-1].norm1`, chosen on this "
-                      "table and on the location task of tests/test_explain.py, where the "
-                      "maps of both found the object for 97.5-100% of images over three seeds "
-                      "(docs/explain.md)."]
+            lines += ["", "Where the ReLU would leave Grad-CAM's map empty, it keeps the "
+                      "signed map (its least negative tokens first), so its maps are never "
+                      "empty here. By default `gradcam` reads the last stage's "
+                      "`blocks[-1].norm1`, `scorecam` the first stage's, chosen on this table "
+                      "and on the location task of tests/test_explain.py, where each found "
+                      "the object for 92-100% of images over five seeds (docs/explain.md)."]
         lines.append("")
     lines += ["## The goal: class-specific maps against the baselines and plain rollout", "",
               *goal_lines(results), ""]

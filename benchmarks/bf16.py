@@ -1,9 +1,9 @@
 """bf16 on a CPU with bf16 arithmetic, side by side in one process: vistra's bf16 model (cast
 once) against vistra's own bf16 autocast path and HuggingFace transformers eager (autocast, and
-cast to bf16), Swin-T and ViT-B/16 inference at batch 16 and 1; ViT-S/16 and Swin-T training
-steps under bf16 autocast against HuggingFace (images/s and peak memory); the Fashion-MNIST
-recipe models' training step in fp32 and bf16; and the accuracy of bf16 inference on
-Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md, with the targets
+cast to bf16), Swin-T and ViT-B/16 inference at batch 16 and 1, with the kernels and
+fusions behind it; ViT-S/16 and Swin-T training steps under bf16 autocast against
+HuggingFace (images/s and peak memory); the Fashion-MNIST recipe models' training step in
+fp32 and bf16; and the accuracy of bf16 inference on Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md, with the targets
 met or missed.
 
     python benchmarks/bf16.py --fm-checkpoints runs/a/best.safetensors ... \\
@@ -212,6 +212,54 @@ def linear_row(label: str, m: int, k: int, n: int, rounds: int) -> dict:
             "packed_gflops": flops / t["packed"] / 1e6, "speedup": t["linear"] / t["packed"]}
 
 
+FUSION_SHAPES = {  # Swin-T at batch 16: fc2's rows, hidden and output widths
+    "Swin-T stage 1 fc2 + residual": (16 * 3136, 384, 96),
+    "Swin-T stage 3 fc2 + residual": (16 * 196, 1536, 384)}
+
+
+def fusion_rows(rounds: int, tiny: bool) -> list[dict]:
+    """The two fusions of the fast paths around the GEMMs, each against the unfused pair:
+    Swin-T's 4x4 patch embedding as a convolution then the copy to channels-last, or as one
+    GEMM over the cut-out patches (vistra.models.layers.PatchConv); and fc2 then the
+    residual add, or fc2's GEMM adding the residual (oneDNN's binary post-op, `add_mlp`)."""
+    scale = 4 if tiny else 1
+    rows = [patch_row(dtype, 16 // scale, rounds) for dtype in (torch.bfloat16, torch.float32)]
+    return rows + [residual_row(label, m // scale, k, n, rounds)
+                   for label, (m, k, n) in FUSION_SHAPES.items()]
+
+
+def patch_row(dtype: torch.dtype, batch: int, rounds: int) -> dict:
+    image = torch.randn(batch, 3, 224, 224, dtype=dtype)
+    w, b = torch.randn(96, 3, 4, 4, dtype=dtype), torch.randn(96, dtype=dtype)
+    matrix = w.reshape(96, 48)
+    if dtype == torch.bfloat16:
+        matrix = torch.ops.mkldnn._reorder_linear_weight(matrix, batch * 3136)
+
+    def conv() -> object:
+        return F.conv2d(image, w, b, stride=4).permute(0, 2, 3, 1).contiguous()
+
+    def gemm() -> object:
+        patches = image.view(batch, 3, 56, 4, 56, 4).permute(0, 2, 4, 1, 3, 5)
+        return torch.ops.mkldnn._linear_pointwise(patches.reshape(batch, 56, 56, 48), matrix, b,
+                                                  "none", [], "")
+    with torch.inference_mode():
+        t = compare({"plain": conv, "fused": gemm}, 3 * rounds)
+    return {"op": "Swin-T patch embedding", "dtype": str(dtype).removeprefix("torch."),
+            "plain_ms": t["plain"], "fused_ms": t["fused"], "speedup": t["plain"] / t["fused"]}
+
+
+def residual_row(label: str, m: int, k: int, n: int, rounds: int) -> dict:
+    fused = torch.ops.mkldnn._linear_pointwise
+    x, residual = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(m, n, dtype=torch.bfloat16)
+    weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, dtype=torch.bfloat16), m)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        t = compare({"plain": lambda: fused(x, weight, bias, "none", [], "").add_(residual),
+                     "fused": lambda: fused.binary(x, residual, weight, bias, "add")}, 3 * rounds)
+    return {"op": label, "dtype": "bfloat16", "plain_ms": t["plain"], "fused_ms": t["fused"],
+            "speedup": t["plain"] / t["fused"]}
+
+
 def gemm_peaks(rounds: int) -> dict[str, float]:
     steps, flops = {}, 0
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -250,8 +298,9 @@ def main() -> int:
             f"run {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"]
     print("\n".join(head), flush=True)
     attention, linear = kernel_rows(rounds, args.tiny)
-    print("\n".join(table(attention, ATTENTION_COLUMNS) + [""] + table(linear, LINEAR_COLUMNS)),
-          flush=True)
+    fusions = fusion_rows(rounds, args.tiny)
+    print("\n".join(table(attention, ATTENTION_COLUMNS) + [""] + table(linear, LINEAR_COLUMNS)
+                    + [""] + table(fusions, FUSION_COLUMNS)), flush=True)
     infer = []
     for name in INFER:
         for batch in (16, 1):
@@ -271,7 +320,7 @@ def main() -> int:
         accuracy = accuracy_rows(args.fm_checkpoints, args.fm_test, 200 if args.tiny else None)
         print("\n".join(table(accuracy, ACCURACY_COLUMNS)), flush=True)
     if not args.tiny:
-        write_report(head, attention, linear, infer, train, recipes, accuracy)
+        write_report(head, attention, linear, fusions, infer, train, recipes, accuracy)
     return 0
 
 
@@ -289,13 +338,16 @@ ATTENTION_COLUMNS = [("attention", "shape", ""), ("dtype", "dtype", ""),
 LINEAR_COLUMNS = [("bf16 linear", "shape", ""), ("F.linear GFLOP/s", "linear_gflops", ".0f"),
                   ("fused, packed GFLOP/s", "packed_gflops", ".0f"),
                   ("speed-up", "speedup", ".2f")]
+FUSION_COLUMNS = [("op", "op", ""), ("dtype", "dtype", ""), ("unfused ms", "plain_ms", ".2f"),
+                  ("fused ms", "fused_ms", ".2f"), ("speed-up", "speedup", ".2f")]
 ACCURACY_COLUMNS = [("checkpoint", "checkpoint", ""), ("test images", "images", "d"),
                     ("fp32 top-1", "fp32_top1", ".2%"), ("bf16 top-1", "bf16_top1", ".2%"),
                     ("top-1 agreement", "agreement", ".2%")]
 
 
-def write_report(head: list[str], attention: list[dict], linear: list[dict], infer: list[dict],
-                 train: list[dict], recipes: list[dict], accuracy: list[dict]) -> None:
+def write_report(head: list[str], attention: list[dict], linear: list[dict],
+                 fusions: list[dict], infer: list[dict], train: list[dict], recipes: list[dict],
+                 accuracy: list[dict]) -> None:
     lines = ["# bf16 on a CPU with bf16 arithmetic", "",
              "Written by `python benchmarks/bf16.py`; every figure in a table comes from one "
              "process, its variants timed in turn round by round (median of the rounds).", "",
@@ -308,6 +360,11 @@ def write_report(head: list[str], attention: list[dict], linear: list[dict], inf
              "Linear layers in bf16: F.linear (oneDNN matmul, plain weight) against oneDNN's "
              "fused linear with the weight packed once in its blocked layout:", "",
              *table(linear, LINEAR_COLUMNS), "",
+             "Two fusions around the GEMMs, each against the unfused pair (bf16 weights "
+             "packed): the patch embedding as a convolution and a copy to channels-last, or "
+             "one GEMM over the cut-out patches; fc2 and then the residual add, or fc2's GEMM "
+             "adding the residual (oneDNN's binary post-op):", "",
+             *table(fusions, FUSION_COLUMNS), "",
              "## Inference", "",
              "`vistra bf16 (cast once)` is what `vistra predict/eval --dtype bf16` (and `auto` "
              "on such a CPU) runs: the model's weights cast to bf16 once "

@@ -208,7 +208,7 @@ def tracing() -> bool:
 # oneDNN's linear adds the bias, and optionally GELU, inside the GEMM; addmm first writes the
 # bias into the whole output in a separate pass, and GELU is one more. On CPU in fp32 that is
 # 17% (27% with GELU) less time for Swin-T's layers (benchmarks/README.md); in bf16, with the
-# weight kept in oneDNN's own blocked layout, 5-30% per layer (benchmarks/bf16.md).
+# weight kept in oneDNN's own blocked layout, 5-66% per layer (benchmarks/bf16.md).
 _fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 _pack_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
 _fused_binary = getattr(_fused_linear, "binary", None)  # the GEMM plus an elementwise op
@@ -298,7 +298,8 @@ class PatchConv(PackedGemm, nn.Conv2d):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         (ph, pw), (sh, sw) = self.kernel_size, self.stride
-        plain_conv = (ph, pw) != (sh, sw) or self.padding != (0, 0) or self.groups != 1
+        plain_conv = ((ph, pw) != (sh, sw) or self.padding != (0, 0) or self.groups != 1
+                      or self.dilation != (1, 1))
         if plain_conv or not fused_linear_applies(x, self.weight) or hooked(self):
             return self(x).permute(0, 2, 3, 1)
         B, C, H, W = x.shape

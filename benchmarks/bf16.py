@@ -3,8 +3,8 @@ once) against vistra's own bf16 autocast path and HuggingFace transformers eager
 cast to bf16), Swin-T and ViT-B/16 inference at batch 16 and 1, with the kernels and
 fusions behind it; ViT-S/16 and Swin-T training steps under bf16 autocast against
 HuggingFace (images/s and peak memory); the Fashion-MNIST recipe models' training step in
-fp32 and bf16; and the accuracy of bf16 inference on Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md, with the targets
-met or missed.
+fp32 and bf16; and the accuracy of bf16 inference on Fashion-MNIST checkpoints. Prints the
+tables and writes benchmarks/bf16.md, with the targets met or missed.
 
     python benchmarks/bf16.py --fm-checkpoints runs/a/best.safetensors ... \\
         --fm-test data/fashion_mnist/test

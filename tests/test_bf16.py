@@ -124,14 +124,19 @@ def test_recomputed_attention_gradients_equal_autograd():
                                     (q, k, v))
 
 
-def test_bf16_training_attention_saves_no_probabilities_and_matches_fp32():
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_training_attention_saves_no_probabilities_and_matches_fp32(amx, monkeypatch):
+    """Training takes the recomputed explicit products on either CPU (the flash kernel's
+    backward is the slower one even with AMX)."""
+    monkeypatch.setattr(layers, "_cpu_has_amx", lambda: amx)
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 50, 8) for _ in range(3))
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
-                                                  lambda t: t):
+                                                  lambda t: t), OpNames() as ops:
         out, _ = attention(qb, kb, vb, scale=0.3)
+    assert not any("scaled_dot_product" in name for name in ops.names)
     assert torch.Size([2, 3, 50, 50]) not in saved  # only q, k, v are kept for backward
     out.float().pow(2).sum().backward()
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))

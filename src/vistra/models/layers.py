@@ -69,7 +69,8 @@ def _explicit_is_faster(q: torch.Tensor, grad: bool) -> bool:
 
 @functools.cache
 def _cpu_has_amx() -> bool:
-    return torch.cpu._is_amx_tile_supported()
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; absent: assume not
+    return bool(probe and probe())
 
 
 class _RecomputedAttention(torch.autograd.Function):

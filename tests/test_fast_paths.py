@@ -196,9 +196,14 @@ def test_patch_gemm_and_fused_residual_equal_the_plain_layers(dtype):
     with fastpath.disabled(), torch.inference_mode():
         plain_tokens, plain_sum = conv(image).permute(0, 2, 3, 1), x + mlp(h)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
-    with torch.inference_mode(), OpLog() as ops:
-        tokens, total = conv.tokens(image), add_mlp(x, mlp, h, DropPath(0.1).eval())
-    assert "mkldnn" in ops.namespaces and tokens.shape == (2, 4, 5, 16)
+    with torch.inference_mode(), OpLog() as patch_ops:
+        tokens = conv.tokens(image)
+    with torch.inference_mode(), OpLog() as mlp_ops:
+        total = add_mlp(x, mlp, h, DropPath(0.1).eval())
+    assert not any("conv" in name for name in patch_ops.names) and "mkldnn" in patch_ops.namespaces
+    assert "mkldnn._linear_pointwise.binary" in mlp_ops.names
+    assert not any(name.startswith("aten.add") for name in mlp_ops.names)
+    assert tokens.shape == (2, 4, 5, 16)
     torch.testing.assert_close(tokens.float(), plain_tokens.float(), **tol)
     torch.testing.assert_close(total.float(), plain_sum.float(), **tol)
     if dtype == torch.bfloat16:
@@ -256,14 +261,16 @@ FAMILIES = {
 
 
 class OpLog(TorchDispatchMode):
-    """Records the namespace of every operator that reaches the dispatcher."""
+    """Records the namespace and the name of every operator that reaches the dispatcher."""
 
     def __init__(self) -> None:
         super().__init__()
         self.namespaces: set[str] = set()
+        self.names: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.namespaces.add(func.namespace)
+        self.names.add(str(func))
         return func(*args, **(kwargs or {}))
 
 

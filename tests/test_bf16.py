@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
+from op_log import OpLog
 
 from vistra.models import (
     SwinConfig,
@@ -86,18 +86,6 @@ def test_packed_weight_follows_every_change_of_the_weight():
         torch.testing.assert_close(linear(x.float()), expected(), atol=1e-4, rtol=1e-4)
 
 
-class OpNames(TorchDispatchMode):
-    """Records the name of every operator that reaches the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("amx", [False, True])
 @pytest.mark.parametrize("tokens,with_bias", [(49, True), (49, False), (197, False)])
 def test_bf16_inference_attention_equals_the_fp32_maths(tokens, with_bias, amx, monkeypatch):
@@ -109,7 +97,7 @@ def test_bf16_inference_attention_equals_the_fp32_maths(tokens, with_bias, amx, 
     bias = torch.randn(3, 4, tokens, tokens) if with_bias else None
     reference = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + (bias if with_bias else 0),
                               -1) @ v
-    with torch.inference_mode(), OpNames() as ops:
+    with torch.inference_mode(), OpLog() as ops:
         out, weights = attention(*(t.bfloat16() for t in (q, k, v)), bias=bias, scale=0.25)
     assert weights is None and out.dtype == torch.bfloat16
     assert any("scaled_dot_product" in name for name in ops.names) == amx
@@ -134,7 +122,7 @@ def test_bf16_training_attention_saves_no_probabilities_and_matches_fp32(amx, mo
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
-                                                  lambda t: t), OpNames() as ops:
+                                                  lambda t: t), OpLog() as ops:
         out, _ = attention(qb, kb, vb, scale=0.3)
     assert not any("scaled_dot_product" in name for name in ops.names)
     assert torch.Size([2, 3, 50, 50]) not in saved  # only q, k, v are kept for backward

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from op_log import OpLog
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vistra
 from vistra.models import fastpath, layers
@@ -258,20 +258,6 @@ FAMILIES = {
                                             "hybrid_depths": (1, 1, 1), "img_size": 64}),
     "swin": SWIN,
 }
-
-
-class OpLog(TorchDispatchMode):
-    """Records the namespace and the name of every operator that reaches the dispatcher."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.namespaces: set[str] = set()
-        self.names: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.namespaces.add(func.namespace)
-        self.names.add(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def caches(model: nn.Module) -> list:

@@ -33,6 +33,7 @@ from vistra.data import ImageFolderDataset
 from vistra.evaluate import _labelled_samples, mean_logits
 from vistra.models import build_model
 from vistra.models.bf16 import to_bf16_inference
+from vistra.models.layers import PatchConv
 from vistra.runtime import cpu_has_bf16, load_classifier
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -229,21 +230,16 @@ def fusion_rows(rounds: int, tiny: bool) -> list[dict]:
 
 
 def patch_row(dtype: torch.dtype, batch: int, rounds: int) -> dict:
-    image = torch.randn(batch, 3, 224, 224, dtype=dtype)
-    w, b = torch.randn(96, 3, 4, 4, dtype=dtype), torch.randn(96, dtype=dtype)
-    matrix = w.reshape(96, 48)
+    """Swin-T's patch embedding (`PatchConv`, packed in bf16 as a bf16 model packs it): the
+    convolution then the copy to channels-last, against its `tokens` fast path."""
+    torch.manual_seed(0)
+    conv = PatchConv(3, 96, 4, 4).eval().requires_grad_(False)
     if dtype == torch.bfloat16:
-        matrix = torch.ops.mkldnn._reorder_linear_weight(matrix, batch * 3136)
-
-    def conv() -> object:
-        return F.conv2d(image, w, b, stride=4).permute(0, 2, 3, 1).contiguous()
-
-    def gemm() -> object:
-        patches = image.view(batch, 3, 56, 4, 56, 4).permute(0, 2, 4, 1, 3, 5)
-        return torch.ops.mkldnn._linear_pointwise(patches.reshape(batch, 56, 56, 48), matrix, b,
-                                                  "none", [], "")
+        to_bf16_inference(conv)
+    image = torch.randn(batch, 3, 224, 224, dtype=dtype)
     with torch.inference_mode():
-        t = compare({"plain": conv, "fused": gemm}, 3 * rounds)
+        t = compare({"plain": lambda: conv(image).permute(0, 2, 3, 1).contiguous(),
+                     "fused": lambda: conv.tokens(image)}, 3 * rounds)
     return {"op": "Swin-T patch embedding", "dtype": str(dtype).removeprefix("torch."),
             "plain_ms": t["plain"], "fused_ms": t["fused"], "speedup": t["plain"] / t["fused"]}
 

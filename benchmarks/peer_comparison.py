@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vistra.accel.capabilities import cpu_has_bf16, cpu_info
 from vistra.analysis.benchmark import MEMORY_NOTE, TRAIN_FLOPS_NOTE, Report, Result, benchmark
-from vistra.runtime import cpu_has_bf16, cpu_info
 
 VIT_B, VIT_S = "vit_base_patch16_224", "vit_small_patch16_224"
 SWIN_T = "swin_tiny_patch4_window7_224"

@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+import vistra.accel.capabilities
 import vistra.runtime
 from vistra import create_model
+from vistra.accel.capabilities import resolve_dtype
 from vistra.cli import main
 from vistra.data import load_rgb
 from vistra.predict import predict_images
-from vistra.runtime import load_classifier, resolve_dtype
+from vistra.runtime import load_classifier
 from vistra.weights import save_checkpoint
 
 CLASSES = ["red", "green", "blue"]
@@ -59,10 +61,10 @@ def test_backend_follows_the_file_and_refuses_what_cannot_run(checkpoint, tmp_pa
 
 
 def test_auto_dtype_follows_the_cpu(monkeypatch):
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: True)
     assert resolve_dtype("auto", "torch") == "bf16"
     assert resolve_dtype("auto", "onnx") == "fp32"
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: False)
     assert resolve_dtype("auto", "torch") == "fp32"
     assert resolve_dtype("bf16", "torch") == "bf16"  # asked for: honoured (emulated)
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import vistra.runtime
+import vistra.accel.capabilities
 from vistra.train import TrainConfig, config_from_dict, load_config
 from vistra.train.distributed import DistContext
 from vistra.train.loop import resolve_bf16
@@ -91,7 +91,7 @@ def test_bf16_refuses_anything_else_naming_the_option(tmp_path, value):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_auto_is_decided_by_the_cpu_and_said_once(monkeypatch, capsys, native):
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: native)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: native)
     cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     assert resolve_bf16(TrainConfig(bf16="auto"), cpu).bf16 is native
     expected = ("bf16: on (auto: this CPU has bf16 arithmetic)" if native
@@ -104,11 +104,11 @@ def test_bf16_auto_is_decided_by_the_cpu_and_said_once(monkeypatch, capsys, nati
 
 
 def test_bf16_auto_is_on_for_cuda_and_true_or_false_pass_through(monkeypatch, capsys):
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: False)
     gpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
     assert resolve_bf16(TrainConfig(bf16="auto"), gpu).bf16 is True
     assert capsys.readouterr().out == "bf16: on (auto: a CUDA device)\n"
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: True)
     cpu = replace(gpu, device=torch.device("cpu"))
     for value in (True, False):  # what a run asked for, or what a resumed run recorded
         assert resolve_bf16(TrainConfig(bf16=value), cpu).bf16 is value

@@ -7,7 +7,7 @@ import torch
 import yaml
 from test_train_e2e import ctrl_c_in_epoch, make_colour_folder, tiny_config
 
-import vistra.runtime
+import vistra.accel.capabilities
 import vistra.train.loop as loop
 from vistra.train import resume, train
 from vistra.train.checkpoint import load_training_state, save_training_state
@@ -55,14 +55,14 @@ def test_an_interruption_in_the_first_epoch_is_resumable(tmp_path, monkeypatch):
 def test_a_resumed_run_keeps_the_bf16_choice_auto_made_at_its_start(tmp_path, monkeypatch):
     data = make_colour_folder(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: True)
     real_epoch = ctrl_c_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):  # in epoch 1: the choice is all there is to resume
         train(tiny_config(data, run, epochs=1, bf16="auto"))
     assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True
     assert yaml.safe_load((run / "config.yaml").read_text())["bf16"] is True
 
-    monkeypatch.setattr(vistra.runtime, "cpu_has_bf16", lambda: False)  # another machine
+    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: False)  # another machine
     seen = []
 
     def record_bf16(*args, **kwargs):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from vistra.accel.capabilities import resolve_dtype
 from vistra.models import DataConfig
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -61,43 +62,6 @@ class Classifier:
 
 
 BACKENDS = ("auto", "torch", "onnx")
-DTYPES = ("auto", "fp32", "bf16")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of bf16 arithmetic
-
-
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """The CPU's model name ("" where the system reports none) and its feature flags, from
-    /proc/cpuinfo (nothing where that file does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", frozenset()
-    lines = text.splitlines()
-    name = next((line.partition(":")[2].strip() for line in lines
-                 if line.startswith("model name")), "")
-    flags = next((line.partition(":")[2].split() for line in lines
-                  if line.startswith("flags")), [])
-    return name, frozenset(flags)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 pays;
-    elsewhere it is emulated and slower than fp32."""
-    return not cpu_info()[1].isdisjoint(BF16_FLAGS)
-
-
-def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:
-    """fp32 or bf16 for `dtype` auto|fp32|bf16: auto takes bf16 for the torch backend on a
-    CPU with bf16 arithmetic (or a GPU), fp32 elsewhere."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        fast = torch.device(device).type == "cuda" or cpu_has_bf16()
-        return "bf16" if backend == "torch" and fast else "fp32"
-    if dtype == "bf16" and backend != "torch":
-        raise ValueError("--dtype bf16 is for the torch backend; for a faster ONNX model "
-                         "export it with --int8")
-    return dtype
 
 
 def torch_classifier(path: str | os.PathLike, device: str = "cpu",

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from vistra.accel.capabilities import BF16_FLAGS, cpu_has_bf16, cpu_info
 from vistra.models import build_model
-from vistra.runtime import BF16_FLAGS, cpu_has_bf16, cpu_info
 
 from .flops import params_and_macs
 
@@ -68,7 +68,7 @@ class Report:
     # median over rounds of a GEMM_SIZE^3 torch.mm in each of "fp32" and "bf16", same rounds
     gemm_peak_gflops_by_dtype: dict[str, float] = field(default_factory=dict)
     cpu_model: str = ""  # /proc/cpuinfo "model name"; "" where there is none
-    cpu_bf16: bool | None = None  # vistra.runtime.cpu_has_bf16()
+    cpu_bf16: bool | None = None  # vistra.accel.capabilities.cpu_has_bf16()
     cpu_bf16_flags: list[str] = field(default_factory=list)  # which of BF16_FLAGS it has
 
     def speedup(self) -> float | None:
@@ -95,7 +95,7 @@ def malloc_heap_only() -> bool:
 
 
 def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and which of BF16_FLAGS it reports (vistra.runtime.cpu_info)."""
+    """The CPU's model name and which of BF16_FLAGS it reports (vistra.accel.capabilities)."""
     name, flags = cpu_info()
     return name, [flag for flag in BF16_FLAGS if flag in flags]
 

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from vistra.accel.capabilities import resolve_dtype
 from vistra.analysis.plots import plot_confusion_matrix
 from vistra.cli.inference import add_runtime_options, report_dtype
 from vistra.evaluate import EvalReport, EvalTotals, evaluate_checkpoint
 from vistra.output import to_json
-from vistra.runtime import resolve_dtype
 from vistra.train.distributed import all_reduce_sum, init_distributed, process_group
 
 

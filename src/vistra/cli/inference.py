@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vistra.runtime import BACKENDS, DTYPES, cpu_has_bf16
+from vistra.accel.capabilities import DTYPES, cpu_has_bf16
+from vistra.runtime import BACKENDS
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from vistra.accel.capabilities import resolve_dtype
 from vistra.data import (
     DatasetSplit,
     MixupCutmix,
@@ -40,7 +41,6 @@ from vistra.data import (
 from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
 from vistra.factory import create_model
 from vistra.fileio import atomic_write_text
-from vistra.runtime import resolve_dtype
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end
@@ -138,7 +138,7 @@ def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
 
 def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
     """`cfg` with bf16 auto decided for this run's device: on where it computes bf16 natively
-    (vistra.runtime.resolve_dtype), rank 0's decision on every rank. true and false pass
+    (vistra.accel.capabilities.resolve_dtype), rank 0's decision on every rank. true and false pass
     through, so a resumed run keeps the choice its checkpoint recorded."""
     if cfg.bf16 != "auto":
         return cfg

@@ -1,0 +1,1 @@
+"""CPU acceleration, kept out of the models: the capability probe (capabilities.py)."""

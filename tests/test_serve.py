@@ -8,15 +8,12 @@ import base64
 import dataclasses
 import io
 import re
-import struct
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 import starlette.formparsers
 import torch
@@ -24,6 +21,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import CLASSES, fashion_images, running_server, tiny_checkpoint
+from test_serve_uploads import BAD_UPLOADS, noise_png
 
 from vistra.cli import main
 from vistra.data.images import load_rgb
@@ -53,29 +51,6 @@ def _expected(classifier, path) -> list[float]:
     """The probabilities of calling the model directly on one image."""
     batch = classifier.transform(load_rgb(path)).unsqueeze(0)
     return torch.softmax(classifier(batch), dim=-1)[0].tolist()
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _noise_png(width: int, height: int) -> bytes:
-    """A PNG that does not compress (random pixels): its size is about 3 * width * height."""
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return _png(Image.fromarray(pixels))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A few hundred bytes whose header claims width x height pixels: a decompression bomb
-    (decoding it would allocate width * height bytes at least)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b""))
 
 
 # -- answers ----------------------------------------------------------------------------------
@@ -158,18 +133,7 @@ def test_readyz_waits_for_the_warm_up(classifier):
 
 
 # -- bad input --------------------------------------------------------------------------------
-
-BAD_UPLOADS = {
-    # name: (body, expected status, words in the reason)
-    "not an image": (b"%PDF-1.4 hello", 415, "not an image"),
-    "truncated": (_noise_png(64, 64)[:6000], 400, "truncated"),
-    "corrupt": (_noise_png(64, 64)[:100] + b"\0" * 5000, 400, "cannot be used"),
-    "bomb over the service limit": (_png_claiming(3000, 3000), 413, "too large"),
-    "bomb over Pillow's limit": (_png_claiming(100_000, 100_000), 413, "too large"),
-    "extreme aspect ratio": (_png(Image.new("L", (3000, 20))), 400, "aspect ratio 150:1"),
-    "empty": (b"", 400, "empty"),
-}
-
+# The bodies and the answers they get are the upload boundary's (test_serve_uploads.py).
 
 @pytest.mark.parametrize("name", BAD_UPLOADS)
 def test_bad_uploads_get_their_status_and_a_reason_and_the_service_lives_on(client, name):
@@ -182,7 +146,7 @@ def test_bad_uploads_get_their_status_and_a_reason_and_the_service_lives_on(clie
 
 
 def test_a_body_over_the_limit_is_refused_from_its_length_or_while_it_streams(client):
-    big = _noise_png(700, 700)  # ~1.4 MB against a 1 MB limit
+    big = noise_png(700, 700)  # ~1.4 MB against a 1 MB limit
     response = client.post("/v1/predict", content=big)
     assert response.status_code == 413 and "limit is 1 MB" in response.json()["detail"]
 
@@ -224,7 +188,7 @@ def test_uploads_are_never_written_to_disk(client, monkeypatch):
     monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", refuse)
     # Starlette's form parser would spool each part over 1 MB to a temporary file.
     with _client(client.app.state.service.classifier, max_upload_mb=8) as roomy:
-        files = [("file", (f"{i}.png", _noise_png(700, 700), "image/png")) for i in range(3)]
+        files = [("file", (f"{i}.png", noise_png(700, 700), "image/png")) for i in range(3)]
         response = roomy.post("/v1/predict/batch", files=files)
         assert response.status_code == 200 and all(i["status"] == 200 for i in response.json())
 

@@ -2,10 +2,11 @@
 
 One model thread owns the model. It takes the first waiting input, then keeps collecting for
 at most `max_wait_s` (or until `max_batch` inputs), stacks them and runs them as one batch;
-each request's future receives its own row of the logits. On a CPU a batch of 8 costs far
-less than 8 batches of 1, so under load throughput rises while a lone request waits at most
-`max_wait_s` more. Other work that must not overlap a forward pass (an explanation hooks
-into the model) is queued as a job and runs alone on the same thread.
+each request's future receives its own row of the logits. Under load, requests share the
+cost of a pass, while a lone request waits at most `max_wait_s` more; what that gains on a
+given machine is measured in benchmarks/serving.md. Other work that must not overlap a
+forward pass (an explanation hooks into the model) is queued as a job and runs alone on the
+same thread.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from vistra.serve.app import ServeSettings, create_app
+from vistra.serve.app import create_app
+from vistra.serve.settings import ServeSettings
 
 _ENV = "VISTRA_SERVE_CONFIG"
 

@@ -1,0 +1,79 @@
+"""Prometheus metrics of one service, and the ASGI middleware that counts and times every
+response (plain ASGI: no web framework needed to read or test it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (so one process can hold several)."""
+
+    content_type = CONTENT_TYPE_LATEST  # of `exposition()`
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("vistra_http_requests", "HTTP requests by path, method and "
+                                "status code", ["path", "method", "code"], registry=r)
+        self.latency = Histogram(
+            "vistra_http_request_duration_seconds", "Time from request to response", ["path"],
+            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
+        self.batch_size = Histogram("vistra_batch_size", "Images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.inference = Histogram(
+            "vistra_batch_inference_seconds", "Time of one forward pass",
+            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5), registry=r)
+        self.queue_depth = Gauge("vistra_queue_depth", "Images waiting for the model thread",
+                                 registry=r)
+        self.in_flight = Gauge("vistra_predictions_in_flight", "Prediction requests being "
+                               "received, decoded, queued or run", registry=r)
+
+    def batch(self, size: int, seconds: float) -> None:
+        """One forward pass of `size` images (the batcher's `on_batch`)."""
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+
+    def exposition(self) -> bytes:
+        """Every metric in Prometheus text format, for GET /metrics."""
+        return generate_latest(self.registry)
+
+
+class CountRequests:
+    """ASGI middleware: every response counted by path (known routes only, so scanners
+    cannot grow the label set), method and status code, and timed."""
+
+    def __init__(self, app: Callable, metrics: Metrics, paths: frozenset[str]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths else "other"
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(path, method, str(status)).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - start)

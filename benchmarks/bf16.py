@@ -31,11 +31,11 @@ from vistra.accel.capabilities import cpu_has_bf16
 from vistra.analysis.benchmark import benchmark, gemm_step, malloc_heap_only
 from vistra.analysis.peers import hf_peer
 from vistra.data import ImageFolderDataset
-from vistra.evaluate import _labelled_samples, mean_logits
+from vistra.evaluate import _labelled_samples
 from vistra.models import build_model
 from vistra.models.bf16 import to_bf16_inference
 from vistra.models.layers import PatchConv
-from vistra.runtime import load_classifier
+from vistra.runtime import load_classifier, mean_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fast_paths import compare  # noqa: E402

@@ -22,8 +22,9 @@ from vistra.export import (
     read_onnx_metadata,
     size_rule,
 )
+from vistra.fileio import file_sha256
 from vistra.predict import find_images, predict_images
-from vistra.runtime import file_sha256, load_classifier, module_classifier
+from vistra.runtime import load_classifier, module_classifier
 from vistra.weights import save_checkpoint
 
 MINI = Path(vistra.__file__).parent / "assets" / "fashion_mnist_mini"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vistra
-from vistra.evaluate import mean_logits
 from vistra.models import DistilledLogits
+from vistra.runtime import mean_logits
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, num_classes=4)
 TINY_SWIN = dict(img_size=32, embed_dim=12, depths=(2, 2), num_heads=(2, 4), window_size=4,

@@ -16,38 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from vistra.data import ImageFolderDataset, build_eval_transform, scan_image_folder
-from vistra.data.transforms import grey_level
+from vistra.data import ImageFolderDataset, scan_image_folder
 from vistra.output import printable
+from vistra.runtime import load_classifier, mean_logits
 from vistra.weights import read_metadata
-
-Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def fit_channels(transform: Transform, in_chans: int) -> Transform:
-    """Adapt an RGB transform to the model's input channels (3, or 1 for grey-level models)."""
-    if in_chans == 3:
-        return transform
-    if in_chans == 1:
-        return grey_level(transform)
-    raise ValueError(f"the model takes {in_chans} input channels; vistra's image pipeline "
-                     "feeds 3 (RGB) or 1 (grey level)")
-
-
-def eval_transform(model: nn.Module) -> Transform:
-    """The preprocessing the model's data_config prescribes: resize, centre crop, normalise."""
-    dc = model.data_config
-    transform = build_eval_transform(dc.img_size, dc.mean, dc.std, dc.crop_pct, dc.interpolation)
-    return fit_channels(transform, model.arch.in_chans)
-
-
-def mean_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """A distilled DeiT in training mode returns (logits, logits_dist): use their mean."""
-    return torch.stack(output).mean(0) if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -193,8 +168,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     `dtype` as for vistra.runtime.load_classifier. `shard` (index, count): evaluate every
     count-th image from index on, for one of count processes whose totals are then summed.
     """
-    from vistra.runtime import load_classifier
-
     classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype)
     if not classifier.classes:
         raise ValueError(f"{checkpoint} records no class names; save it with "

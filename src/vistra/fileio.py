@@ -5,10 +5,12 @@ Every writer in vistra goes through here: a whole file is written to a temporary
 the target's folder, flushed to disk (fsync), then renamed over the target (os.replace is
 atomic on POSIX and Windows), and the folder is synced so the rename itself survives a
 power cut. Records appended to a log are written as whole lines in one call and synced.
+`file_sha256` is the file digest that names a checkpoint (exports and served models record it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -103,3 +105,12 @@ def _sync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,28 +8,23 @@ written by `vistra export` in onnxruntime, with the preprocessing its metadata r
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from vistra.accel.capabilities import resolve_dtype
+from vistra.accel import optimize, resolve_dtype
+from vistra.data import Transform, eval_transform, eval_transform_for
+from vistra.fileio import file_sha256
 from vistra.models import DataConfig
+from vistra.weights import load_checkpoint
 
-Transform = Callable[[Image.Image], torch.Tensor]
 
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (checkpoints can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def mean_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """A distilled DeiT in training mode returns (logits, logits_dist): use their mean."""
+    return torch.stack(output).mean(0) if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -66,17 +61,12 @@ BACKENDS = ("auto", "torch", "onnx")
 
 def torch_classifier(path: str | os.PathLike, device: str = "cpu",
                      dtype: str = "fp32") -> Classifier:
-    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads);
-    dtype bf16 casts the model to bf16 once (vistra.models.bf16), logits come back in fp32."""
-    from vistra.evaluate import eval_transform, mean_logits
-    from vistra.models.bf16 import to_bf16_inference
-    from vistra.weights import load_checkpoint
-
-    model = load_checkpoint(path, device=device).eval()
+    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads),
+    made ready by vistra.optimize; dtype bf16 casts the model to bf16 once, logits come back
+    in fp32."""
     dev = torch.device(device)
-    compute = torch.float32
-    if dtype == "bf16":
-        model, compute = to_bf16_inference(model), torch.bfloat16
+    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = optimize(load_checkpoint(path, device=device), compute)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -88,8 +78,6 @@ def torch_classifier(path: str | os.PathLike, device: str = "cpu",
 
 def module_classifier(model: torch.nn.Module) -> Classifier:
     """A model in hand (with .name, .classes, .data_config, .arch) as a Classifier."""
-    from vistra.evaluate import eval_transform, mean_logits
-
     device = next(model.parameters()).device
 
     @torch.inference_mode()
@@ -107,8 +95,6 @@ def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Clas
     torch's setting, so --threads / OMP_NUM_THREADS mean the same for both backends)."""
     import onnxruntime as ort
 
-    from vistra.data import build_eval_transform
-    from vistra.evaluate import fit_channels
     from vistra.export import OnnxMetadata, export_onnx_bytes
 
     path = Path(path)
@@ -117,8 +103,6 @@ def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Clas
     if path.suffix.lower() == ".onnx":
         graph: bytes | str = str(path)
     else:
-        from vistra.weights import load_checkpoint
-
         graph, _ = export_onnx_bytes(load_checkpoint(path), source_sha256=file_sha256(path))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -132,8 +116,7 @@ def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Clas
         return torch.from_numpy(session.run(None, {input_name: images})[0])
 
     dc = meta.data_config
-    transform = fit_channels(build_eval_transform(dc.img_size, dc.mean, dc.std, dc.crop_pct,
-                                                  dc.interpolation), meta.in_chans)
+    transform = eval_transform_for(dc, meta.in_chans)
     dtype = "int8" if meta.quantization.startswith("int8") else "fp32"
     return Classifier(meta.name, meta.classes, dc, meta.in_chans, path, "onnx", transform, run,
                       dtype=dtype)

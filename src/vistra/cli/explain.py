@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistra.data import ImageLoadError, load_rgb
+from vistra.data import ImageLoadError, eval_transform, load_rgb
 from vistra.explain import METHODS, default_method, explain, methods_for, overlay
 from vistra.explain.faithfulness import evaluate, load_labelled
 from vistra.explain.render import grid
@@ -225,8 +225,6 @@ def explain_files(model: torch.nn.Module, inputs: list[str], methods: list[str],
 
 
 def _top_classes(model: torch.nn.Module, image, k: int) -> list[int]:
-    from vistra.evaluate import eval_transform
-
     with torch.inference_mode():
         x = eval_transform(model)(image)[None].to(next(model.parameters()).device)
         return model(x)[0].topk(min(k, model.num_classes)).indices.tolist()

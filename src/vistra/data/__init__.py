@@ -1,7 +1,8 @@
 """Data: image files -> checked, split, labelled samples -> tensors.
 
 `scan_image_folder` finds classes and splits a folder, `ImageFolderDataset` with
-`build_train_transform` / `build_eval_transform` turns the samples into tensors, and
+`build_train_transform` / `build_eval_transform` turns the samples into tensors
+(`eval_transform(model)`: the one a model's data config prescribes), and
 `export_fashion_mnist` / `bundled_demo_dir` provide a real dataset to try it all on.
 """
 
@@ -32,6 +33,7 @@ from vistra.data.images import (
     load_rgb,
     to_rgb,
 )
+from vistra.data.preprocess import Transform, eval_transform, eval_transform_for, fit_channels
 from vistra.data.transforms import (
     EvalTransform,
     MixupCutmix,
@@ -56,12 +58,16 @@ __all__ = [
     "RandAugment",
     "RandomErasing",
     "TrainTransform",
+    "Transform",
     "build_eval_transform",
     "build_train_transform",
     "bundled_demo_dir",
     "check_image",
     "class_counts",
+    "eval_transform",
+    "eval_transform_for",
     "export_fashion_mnist",
+    "fit_channels",
     "format_class_counts",
     "is_image_file",
     "list_files",

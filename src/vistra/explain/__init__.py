@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vistra.data import eval_transform
 from vistra.models import SwinTransformer, VisionTransformer
 
 from .attention import grad_rollout, rollout
@@ -167,8 +168,6 @@ def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str 
 
 
 def _preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
-    from vistra.evaluate import eval_transform
-
     if not hasattr(model, "data_config"):
         raise ValueError("the model carries no preprocessing (.data_config); build it with "
                          "vistra.create_model or load a vistra checkpoint, or pass a tensor")
@@ -178,8 +177,6 @@ def _preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
 def _to_image_size(model: nn.Module, heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A map over the centre crop [h, w] -> the map over the original image of `size`
     (width, height), 0 where the crop cut the image off."""
-    from vistra.evaluate import eval_transform
-
     (rw, rh), (left, top, right, bottom) = eval_transform(model).geometry(*size)
     canvas = torch.zeros(rh, rw)  # the resize covers the crop, so the box lies inside
     canvas[top:bottom, left:right] = heat

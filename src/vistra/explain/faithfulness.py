@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistra.data import load_rgb, scan_image_folder
+from vistra.data import eval_transform, load_rgb, scan_image_folder
 
 from .imputation import linear_imputation
 
@@ -231,8 +231,6 @@ def load_labelled(model: torch.nn.Module, data: Path, limit: int,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to `limit` images of a labelled folder (a seeded random subset), preprocessed for
     the model, with their class indices in the model's classes."""
-    from vistra.evaluate import eval_transform
-
     classes = getattr(model, "classes", None)
     if not classes:
         raise ValueError("the checkpoint records no class names, so the folder's labels "

@@ -14,8 +14,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from vistra.data import DatasetSplit, ImageFolderDataset, build_train_transform
-from vistra.evaluate import Transform, eval_transform, fit_channels
+from vistra.data import (
+    DatasetSplit,
+    ImageFolderDataset,
+    Transform,
+    build_train_transform,
+    eval_transform,
+    fit_channels,
+)
 
 from .config import TrainConfig
 from .distributed import DistContext

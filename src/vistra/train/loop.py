@@ -38,9 +38,10 @@ from vistra.data import (
     scan_image_folder,
     write_class_indices,
 )
-from vistra.evaluate import EvalTotals, mean_logits, run_evaluation
+from vistra.evaluate import EvalTotals, run_evaluation
 from vistra.factory import create_model
 from vistra.fileio import atomic_write_text
+from vistra.runtime import mean_logits
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end

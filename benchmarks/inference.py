@@ -31,7 +31,7 @@ from vistra import create_model
 from vistra.accel.capabilities import cpu_has_bf16, cpu_info
 from vistra.analysis.peers import hf_peer
 from vistra.evaluate import evaluate_checkpoint
-from vistra.export import export_checkpoint, export_onnx_bytes, quantize_int8, write_new
+from vistra.onnx import export_checkpoint, export_onnx_bytes, quantize_int8, write_new
 from vistra.predict import predict_images
 from vistra.runtime import load_classifier
 from vistra.weights import save_checkpoint

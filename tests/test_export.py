@@ -15,14 +15,14 @@ import vistra
 from vistra import create_model
 from vistra.cli import main
 from vistra.data import load_rgb
-from vistra.export import (
+from vistra.fileio import file_sha256
+from vistra.onnx import (
     export_onnx_bytes,
     foreign_ops,
     quantize_int8,
     read_onnx_metadata,
     size_rule,
 )
-from vistra.fileio import file_sha256
 from vistra.predict import find_images, predict_images
 from vistra.runtime import load_classifier, module_classifier
 from vistra.weights import save_checkpoint

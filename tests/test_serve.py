@@ -372,7 +372,7 @@ def test_load_8_clients_x_50_requests_on_a_real_server_no_errors_no_mix_ups(clas
 
 
 def test_an_exported_onnx_model_is_served_with_the_checkpoints_answers(classifier, tmp_path):
-    from vistra.export import export_checkpoint
+    from vistra.onnx import export_checkpoint
 
     onnx_path = tmp_path / "tiny.onnx"
     export_checkpoint(classifier.source, onnx_path)

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from vistra.accel import optimize, resolve_dtype
+from vistra.accel.capabilities import resolve_dtype
 from vistra.data import Transform, eval_transform, eval_transform_for
 from vistra.fileio import file_sha256
 from vistra.models import DataConfig
+from vistra.models.bf16 import to_bf16_inference
+from vistra.onnx import OnnxRunner
 from vistra.weights import load_checkpoint
 
 
@@ -61,12 +63,13 @@ BACKENDS = ("auto", "torch", "onnx")
 
 def torch_classifier(path: str | os.PathLike, device: str = "cpu",
                      dtype: str = "fp32") -> Classifier:
-    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads),
-    made ready by vistra.optimize; dtype bf16 casts the model to bf16 once, logits come back
-    in fp32."""
+    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads);
+    dtype bf16 casts the model to bf16 once (vistra.models.bf16), logits come back in fp32."""
+    model = load_checkpoint(path, device=device).eval()
     dev = torch.device(device)
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = optimize(load_checkpoint(path, device=device), compute)
+    compute = torch.float32
+    if dtype == "bf16":
+        model, compute = to_bf16_inference(model), torch.bfloat16
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -90,36 +93,14 @@ def module_classifier(model: torch.nn.Module) -> Classifier:
 
 
 def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
-    """An .onnx file from `vistra export` in onnxruntime; a .safetensors is exported first,
-    in memory (nothing is written). `threads`: onnxruntime's intra-op threads (default:
-    torch's setting, so --threads / OMP_NUM_THREADS mean the same for both backends)."""
-    import onnxruntime as ort
-
-    from vistra.export import OnnxMetadata, export_onnx_bytes
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    if path.suffix.lower() == ".onnx":
-        graph: bytes | str = str(path)
-    else:
-        graph, _ = export_onnx_bytes(load_checkpoint(path), source_sha256=file_sha256(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    meta = OnnxMetadata.from_props(session.get_modelmeta().custom_metadata_map, path)
-    input_name = session.get_inputs()[0].name
-
-    def run(batch: torch.Tensor) -> torch.Tensor:
-        meta.check_size(*batch.shape[-2:])
-        images = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(session.run(None, {input_name: images})[0])
-
-    dc = meta.data_config
-    transform = eval_transform_for(dc, meta.in_chans)
-    dtype = "int8" if meta.quantization.startswith("int8") else "fp32"
-    return Classifier(meta.name, meta.classes, dc, meta.in_chans, path, "onnx", transform, run,
-                      dtype=dtype)
+    """An .onnx file from `vistra export` in onnxruntime (vistra.onnx.OnnxRunner); a
+    .safetensors is exported first, in memory. The preprocessing is the one the file
+    records."""
+    runner = OnnxRunner(path, threads)
+    meta = runner.metadata
+    return Classifier(meta.name, meta.classes, meta.data_config, meta.in_chans, Path(path),
+                      "onnx", eval_transform_for(meta.data_config, meta.in_chans), runner,
+                      dtype=runner.dtype)
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",

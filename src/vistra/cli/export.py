@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from vistra.evaluate import evaluate_checkpoint
-from vistra.export import DEFAULT_OPSET, export_checkpoint, quantize_int8
+from vistra.onnx import DEFAULT_OPSET, export_checkpoint, quantize_int8
 
 
 def register(sub: argparse._SubParsersAction) -> None:

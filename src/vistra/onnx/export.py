@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import tempfile
 import warnings
@@ -30,70 +29,13 @@ import torch
 from torch import nn
 
 from vistra.fileio import atomic_write_bytes, file_sha256
-from vistra.models import DataConfig, SwinTransformer
+from vistra.models import SwinTransformer, fastpath
+from vistra.onnx.metadata import OnnxMetadata, read_onnx_metadata
+from vistra.weights import load_checkpoint
 
 DEFAULT_OPSET = 17
 STANDARD_DOMAINS = ("", "ai.onnx")
 _MAX_PROTO_BYTES = 2_000_000_000  # protobuf's 2 GB limit for a single-file model
-
-
-@dataclass(frozen=True)
-class OnnxMetadata:
-    """What an exported file records about itself (ONNX metadata_props, values as JSON)."""
-
-    name: str
-    classes: list[str] | None
-    data_config: DataConfig
-    in_chans: int
-    size_multiple: int  # 0: only data_config.img_size; n: heights and widths divisible by n
-    min_size: int  # the smallest height and width the graph computes right
-    source_sha256: str
-    quantization: str = "none"
-
-    def to_props(self) -> dict[str, str]:
-        dc = self.data_config
-        values = {"name": self.name, "classes": self.classes, "img_size": list(dc.img_size),
-                  "mean": list(dc.mean), "std": list(dc.std), "crop_pct": dc.crop_pct,
-                  "interpolation": dc.interpolation, "in_chans": self.in_chans,
-                  "size_multiple": self.size_multiple, "min_size": self.min_size,
-                  "source_sha256": self.source_sha256,
-                  "quantization": self.quantization}
-        return {f"vistra.{k}": json.dumps(v) for k, v in values.items()}
-
-    @classmethod
-    def from_props(cls, props: dict[str, str], path: str | os.PathLike = "file"
-                   ) -> OnnxMetadata:
-        if "vistra.name" not in props:
-            raise ValueError(f"{path} has no vistra metadata; export it with `vistra export`")
-        v = {k.removeprefix("vistra."): json.loads(s) for k, s in props.items()
-             if k.startswith("vistra.")}
-        dc = DataConfig(img_size=tuple(v["img_size"]), mean=tuple(v["mean"]),
-                        std=tuple(v["std"]), crop_pct=v["crop_pct"],
-                        interpolation=v["interpolation"])
-        return cls(v["name"], v["classes"], dc, v["in_chans"], v["size_multiple"],
-                   v["min_size"], v["source_sha256"], v.get("quantization", "none"))
-
-    def check_size(self, height: int, width: int) -> None:
-        """Raise ValueError naming the supported sizes when the graph cannot take this one."""
-        h, w = self.data_config.img_size
-        if self.size_multiple == 0:
-            if (height, width) != (h, w):
-                raise ValueError(f"this ONNX graph of {self.name} takes {h}x{w} images only, "
-                                 f"got {height}x{width}; resize the input")
-            return
-        if (height % self.size_multiple or width % self.size_multiple
-                or min(height, width) < self.min_size):
-            raise ValueError(
-                f"this ONNX graph of {self.name} takes heights and widths that are multiples "
-                f"of {self.size_multiple} and at least {self.min_size}, got {height}x{width}")
-
-
-def read_onnx_metadata(path: str | os.PathLike) -> OnnxMetadata:
-    """The vistra metadata of an exported .onnx file (reads the graph header, not weights)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return OnnxMetadata.from_props({p.key: p.value for p in model.metadata_props}, path)
 
 
 def foreign_ops(model_proto) -> list[str]:
@@ -103,10 +45,10 @@ def foreign_ops(model_proto) -> list[str]:
 
 
 def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
-    """The model as ONNX bytes, batch, height and width declared dynamic; traced without
-    autograd."""
+    """The model as ONNX bytes, batch, height and width declared dynamic; traced on the plain
+    reference path (no oneDNN fast paths, no in-place adds, no caches) without autograd."""
     buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with fastpath.disabled(), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns at each Python-level decision on a shape; the export's own test at
         # a second size is what tells whether one of them matters.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -125,7 +67,7 @@ def _eager_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     if resizable:
         model.cfg = dataclasses.replace(cfg, dynamic_img_size=True)
     try:
-        with torch.no_grad():
+        with fastpath.disabled(), torch.no_grad():
             return model(x).float().numpy()
     finally:
         if resizable:
@@ -200,7 +142,7 @@ def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
                                                             generator=generator), opset))
     if bad := foreign_ops(proto):
         raise ValueError(f"the exported graph of {model.name} holds non-standard operators "
-                         f"({', '.join(bad)}); export the plain model, not vistra.optimize's")
+                         f"({', '.join(bad)}); export under vistra.models.fastpath.disabled()")
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     error = _max_error(session, model, torch.randn(3, in_chans, h, w, generator=generator))
     # At the export size onnxruntime must run: an error there is a bug to show, not a size.
@@ -235,8 +177,6 @@ def write_new(path: str | os.PathLike, data: bytes, force: bool = False) -> Path
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
                       opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
     """Export a vistra .safetensors checkpoint to a verified .onnx file at `out`."""
-    from vistra.weights import load_checkpoint
-
     if Path(out).exists() and not force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force")
     model = load_checkpoint(checkpoint)

@@ -1,0 +1,37 @@
+"""ONNX, the export target: a vistra model as one verified file (`export`), what that file
+records about itself (`metadata`), and the file run in onnxruntime (`backend`, behind
+vistra.runtime's onnx backend).
+
+    from vistra.onnx import export_checkpoint, read_onnx_metadata
+    result = export_checkpoint("run/best.safetensors", "model.onnx")
+    read_onnx_metadata("model.onnx").classes
+
+The onnx and onnxruntime libraries load on first use, not on import.
+"""
+
+from vistra.onnx.backend import OnnxRunner
+from vistra.onnx.export import (
+    DEFAULT_OPSET,
+    ExportResult,
+    export_checkpoint,
+    export_onnx_bytes,
+    foreign_ops,
+    quantize_int8,
+    size_rule,
+    write_new,
+)
+from vistra.onnx.metadata import OnnxMetadata, read_onnx_metadata
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportResult",
+    "OnnxMetadata",
+    "OnnxRunner",
+    "export_checkpoint",
+    "export_onnx_bytes",
+    "foreign_ops",
+    "quantize_int8",
+    "read_onnx_metadata",
+    "size_rule",
+    "write_new",
+]

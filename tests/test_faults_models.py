@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import vistra
-from vistra.models import fastpath
-from vistra.models.swin import LAYOUT_CACHE_SIZES, SwinBlock, SwinConfig, WindowAttention
+from vistra.accel.modules import LAYOUT_CACHE_SIZES
+from vistra.models.swin import SwinBlock, SwinConfig, WindowAttention
 
 SWIN = ("swin_tiny_patch4_window7_224",
         {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "img_size": 112})
@@ -40,6 +40,12 @@ def test_a_swin_built_and_loaded_under_inference_mode_predicts():
     torch.testing.assert_close(fresh, small(SWIN)(x).detach())
     with torch.no_grad():  # and outside inference_mode afterwards
         torch.testing.assert_close(model(x), expected)
+    with torch.inference_mode():  # optimized under inference_mode too
+        fast = vistra.optimize(small(SWIN))
+        fast.load_state_dict(trained.state_dict())
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def write_through_data(model: nn.Module) -> None:
@@ -121,15 +127,16 @@ def test_a_global_forward_hook_holds_the_values_and_a_pre_hook_on_fc1_fires():
 
 
 def test_the_layout_cache_keeps_only_the_most_recent_sizes():
-    block = SwinBlock(16, 2, 7, 3, SwinConfig(), 0.0).eval()
+    plain = SwinBlock(16, 2, 7, 3, SwinConfig(), 0.0).eval()
+    block = vistra.optimize(SwinBlock(16, 2, 7, 3, SwinConfig(), 0.0))
+    block.load_state_dict(plain.state_dict())
     sizes = [(8 + i, 9 + 2 * i) for i in range(3 * LAYOUT_CACHE_SIZES)]
     with torch.inference_mode():
         for H, W in sizes:
-            block._attend(torch.randn(1, H, W, 16))
+            block(torch.randn(1, H, W, 16))
         assert len(block._layouts) == LAYOUT_CACHE_SIZES
         assert [k[:2] for k in block._layouts] == sizes[-LAYOUT_CACHE_SIZES:]
         x = torch.randn(1, *sizes[0], 16)  # evicted long ago: built again, same answer
-        with fastpath.disabled():
-            expected = block._attend(x)
-        torch.testing.assert_close(block._attend(x), expected, atol=1e-5, rtol=1e-5)
+        expected = plain(x)
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
     assert len(block._layouts) == LAYOUT_CACHE_SIZES

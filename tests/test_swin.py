@@ -1,5 +1,7 @@
 """Swin: shifted windows against a brute-force reference, index formula, merging order."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,11 @@ def test_shifted_window_attention_equals_brute_force(H, W, window, shift):
         block.attn.relative_position_bias_table.normal_(0, 1)
         x = torch.randn(2, H, W, 8)
         expected = brute_force_window_attention(block, x)
-        actual = block._attend(x)
+        actual = block.shifted_window_attention(x)  # the model's roll, partition, reverse
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    fast = vistra.optimize(copy.deepcopy(block))  # one gather each way, layouts kept
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.mix(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_relative_position_index_follows_the_formula():

@@ -4,8 +4,8 @@ The counter counts matrix products and convolutions only (2 FLOPs per multiply-a
 bias and mask adds, scaling, LayerNorm, GELU and residual adds are left out. Attention goes
 through `F.scaled_dot_product_attention`: on the meta device it decomposes into two counted
 batched matmuls (QK^T and AV); on CPU it runs the flash kernel, which torch's counter does not
-know, so `COUNTER_EXTRAS` teaches it the same 2 * N * N * d per head. The model runs with its
-fast paths off (`vistra.models.fastpath`), so the counter sees the plain operators. Counting on
+know, so `COUNTER_EXTRAS` teaches it the same 2 * N * N * d per head. The model is the plain
+one `create_model` builds (no vistra.optimize), so the counter sees standard operators. Counting on
 the meta device needs no memory and no arithmetic: even ViT-H is counted in a second.
 """
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from vistra.models import ModelFamily, build_from_arch, build_model, fastpath, get_family, get_spec
+from vistra.models import ModelFamily, build_from_arch, build_model, get_family, get_spec
 from vistra.models.layers import to_2tuple
 
 from .complexity import KINDS, model_cost, stages, unmodelled_fields
@@ -39,7 +39,7 @@ def _count(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> FlopCo
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False, custom_mapping=COUNTER_EXTRAS)
-    with counter, torch.no_grad(), fastpath.disabled():
+    with counter, torch.no_grad():
         model(x)
     model.train(was_training)
     return counter

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layers import tracing
+
 
 def resample_pos_embed(
     pos_embed: torch.Tensor,
@@ -22,7 +24,7 @@ def resample_pos_embed(
                 f"position embedding has {grid.shape[1]} grid tokens, not a square; pass old_grid"
             )
         old_grid = (side, side)
-    if tuple(old_grid) == tuple(new_grid) and not torch.jit.is_tracing():
+    if tuple(old_grid) == tuple(new_grid) and not tracing():
         return pos_embed  # a traced graph keeps the resize: its grid follows the input
     dim = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()

@@ -7,7 +7,6 @@ multiple of the window inside a block and cropped after, patch merging pads odd 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,28 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fastpath
 from .base import VistraModel, check_output_fmt, checkpoint_seq, feature_take_indices
 from .layers import (
-    AttentionRecorder,
+    Attention,
     ConvStem,
     DropPath,
-    Linear,
     Mlp,
-    PatchConv,
-    add_mlp,
-    add_residual,
-    attention,
     check_image_batch,
     drop_path_rates,
     init_weights,
-    split_heads,
     to_2tuple,
     tracing,
 )
 
 MASK_VALUE = -100.0  # added to logits of token pairs from different regions, as the paper
-LAYOUT_CACHE_SIZES = 8  # input sizes whose window layout each block keeps, least recent dropped
 
 
 @dataclass(frozen=True)
@@ -83,12 +74,12 @@ def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.
 
 def window_order(H: int, W: int, window: int, shift: int,
                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices that do the cyclic shift, window partition and crop in one gather.
+    """The cyclic shift, window partition and crop of SwinBlock as token indices, for doing
+    them in one gather (vistra.accel does, with the indices kept per input size).
 
     `order` [Hp*Wp] takes the flattened map, padded to Hp x Wp (multiples of M), to its windows
     after rolling by -shift; `restore` [H*W] takes those windows back to the real tokens,
-    rolled back and cropped. One index_select replaces torch.roll, which copies the map once
-    per axis, plus the partition's own copy (4x faster at 56x56x96, benchmarks/README.md)."""
+    rolled back and cropped."""
     Hp, Wp = H - H % -window, W - W % -window
     grid = torch.arange(Hp * Wp, device=device).view(1, Hp, Wp, 1)
     order = window_partition(torch.roll(grid, (-shift, -shift), (1, 2)), window).flatten()
@@ -127,7 +118,7 @@ class PatchEmbed(nn.Module):
         if self.backbone is not None:
             self.proj = nn.Conv2d(self.backbone.out_channels, dim, 1)
         else:
-            self.proj = PatchConv(in_chans, dim, patch_size, patch_size)
+            self.proj = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +127,8 @@ class PatchEmbed(nn.Module):
         if pad_h or pad_w or tracing():  # a graph pads by amounts computed from its input
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if self.backbone is not None:
-            return self.norm(self.proj(self.backbone(x)).permute(0, 2, 3, 1))
-        return self.norm(self.proj.tokens(x))
+            x = self.backbone(x)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # [B, C, H/p, W/p] -> [B, H/p, W/p, C]
 
 
 class PatchMerging(nn.Module):
@@ -147,7 +138,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
@@ -160,26 +151,19 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x.reshape(B, H // 2, W // 2, 4 * C)))
 
 
-class WindowAttention(nn.Module, AttentionRecorder):
+class WindowAttention(Attention):
     """Multi-head attention within each window plus a learned relative position bias:
-    softmax(QK^T / sqrt(d) + B + mask) V."""
+    softmax(QK^T / sqrt(d) + B + mask) V, on windows x [B, nW, M*M, C]."""
 
     def __init__(self, dim: int, num_heads: int, window: int, qkv_bias: bool,
                  qk_scale: float | None, attn_drop: float, proj_drop: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop)
         self.window_size = window
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window),
                              persistent=False)
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self._bias_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (table copy, bias)
 
     def relative_position_bias(self) -> torch.Tensor:
         """[heads, N, N] gathered from the table."""
@@ -187,46 +171,13 @@ class WindowAttention(nn.Module, AttentionRecorder):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, -1).permute(2, 0, 1)
 
-    def _bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """The bias in `dtype`. With the fast paths on and no gradient to flow into the table,
-        gathered once and reused while the table holds the same values.
-
-        The cache is keyed on the table's content: a copy of it (a few thousand numbers) is
-        compared on every call. A version counter misses writes through `.data` and does not
-        exist for tensors made under inference_mode; a storage address can be reused. The
-        gather it saves is small but starts a parallel region, slow to wake on busy cores:
-        whole Swin-T fp32 on 2 shared cores, 889 ms cached vs 959 gathered at batch 1, 5428 vs
-        5682 at batch 16 (another run: 1386 vs 1468, 7132 vs 7127); the 12 comparisons take
-        0.03 ms (benchmarks/README.md)."""
-        table = self.relative_position_bias_table
-        if not fastpath.enabled() or (torch.is_grad_enabled() and table.requires_grad):
-            return self.relative_position_bias().to(dtype)
-        cache = self._bias_cache
-        if (cache is None or cache[1].dtype != dtype or cache[0].device != table.device
-                or cache[0].dtype != table.dtype or cache[0].shape != table.shape
-                or not torch.equal(cache[0], table)):
-            # Plain tensors even under inference_mode, so a later no_grad forward may use them.
-            with torch.inference_mode(False), torch.no_grad():
-                cache = table.detach().clone(), self.relative_position_bias().to(dtype).contiguous()
-            self._bias_cache = cache
-        return cache[1]
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, nW, N, C], mask [nW, N, N] or None -> [B, nW, N, C]."""
-        B, nW, N, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [B, nW, heads, N, d]
-        bias = self._bias(q.dtype)
-        if mask is not None:
-            bias = bias + mask[:, None].to(q.dtype)  # [nW, heads, N, N]
-        x, weights = attention(q, k, v, bias=bias, scale=self.scale, need_weights=self.record,
-                               dropout_p=self.attn_drop if self.training else 0.0)
-        if self.record:
-            self.recorded = weights.detach()
-        return self.proj_drop(self.proj(x.transpose(2, 3).reshape(B, nW, N, C)))
+    def position_bias(self) -> torch.Tensor:
+        return self.relative_position_bias()
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm block: W-MSA when shift is 0, SW-MSA (cyclic shift + mask) otherwise."""
+    """Pre-norm block: W-MSA when shift is 0, SW-MSA (cyclic shift + mask) otherwise.
+    x = x + DropPath(SW-MSA(LN(x))); x = x + DropPath(MLP(LN(x))), on maps [B, H, W, C]."""
 
     def __init__(self, dim: int, num_heads: int, window: int, shift: int, cfg: SwinConfig,
                  drop_path: float) -> None:
@@ -239,51 +190,34 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
         self.drop_path2 = DropPath(drop_path)
-        # Per input resolution and device: gather indices and shift mask, for the most recent
-        # LAYOUT_CACHE_SIZES sizes (fast paths only).
-        self._layouts: OrderedDict[tuple, tuple] = OrderedDict()
 
-    def _layout(self, H: int, W: int, shift: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        M = self.window_size
-
-        def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            order, restore = window_order(H, W, M, shift, device)
-            mask = shift_window_mask(H - H % -M, W - W % -M, M, shift, device) if shift else None
-            return order, restore, mask
-        if not fastpath.enabled():  # built per call; a tracer records it in the graph
-            return build()
-        key = (H, W, device)
-        layout = self._layouts.pop(key, None)
-        if layout is None:
-            with torch.inference_mode(False):  # plain tensors, usable by any later forward
-                layout = build()
-            if len(self._layouts) >= LAYOUT_CACHE_SIZES:
-                self._layouts.popitem(last=False)
-        self._layouts[key] = layout  # now the most recent
-        return layout
-
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+    def shifted_window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad to whole windows, roll by -shift, attend within each window (regions that the
+        roll brought together masked apart), roll back, crop: [B, H, W, C] -> same."""
         B, H, W, C = x.shape
         M = self.window_size
         # A map no larger than the window is attended as one window, without a shift.
         shift = self.shift_size if min(H, W) > M else 0
         pad_h, pad_w = -H % M, -W % M
-        # Plain windows: a permute is the cheapest copy. A graph (ONNX export) takes the general
-        # path always, so padding, gathers and shift mask follow the input's size.
-        if not (shift or pad_h or pad_w or tracing()):
-            return window_reverse(self.attn(window_partition(x, M), None), M, H, W)
-        order, restore, mask = self._layout(H, W, shift, x.device)
+        if pad_h or pad_w or tracing():  # a graph pads by amounts computed from its input
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # [B, Hp, Wp, C]
+        Hp, Wp = H + pad_h, W + pad_w
+        mask = None
+        if shift:
+            x = torch.roll(x, (-shift, -shift), dims=(1, 2))
+            mask = shift_window_mask(Hp, Wp, M, shift, x.device)  # [nW, M*M, M*M]
+        windows = self.attn(window_partition(x, M), mask)  # [B, nW, M*M, C]
+        x = window_reverse(windows, M, Hp, Wp)  # [B, Hp, Wp, C]
+        if shift:
+            x = torch.roll(x, (shift, shift), dims=(1, 2))
         if pad_h or pad_w or tracing():
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        windows = x.reshape(B, -1, C).index_select(1, order).view(B, -1, M * M, C)
-        x = self.attn(windows, mask)
-        return x.reshape(B, -1, C).index_select(1, restore).view(B, H, W, C)
+            x = x[:, :H, :W].contiguous()
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.drop_path1(self._attend(self.norm1(x))),
-                         self.attn, self.drop_path1)
-        return add_mlp(x, self.mlp, self.norm2(x), self.drop_path2)
+        x = x + self.drop_path1(self.shifted_window_attention(self.norm1(x)))  # [B, H, W, C]
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
 
 
 class SwinStage(nn.Module):

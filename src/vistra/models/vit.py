@@ -15,19 +15,13 @@ from torch import nn
 
 from .base import VistraModel, check_output_fmt, checkpoint_seq, feature_take_indices
 from .layers import (
-    AttentionRecorder,
+    Attention,
     ConvStem,
     DropPath,
-    Linear,
     Mlp,
-    PatchConv,
-    add_mlp,
-    add_residual,
-    attention,
     check_image_batch,
     drop_path_rates,
     init_weights,
-    split_heads,
     to_2tuple,
     tracing,
 )
@@ -75,7 +69,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(self.backbone.out_channels, cfg.embed_dim, 1)
             self.reduction = self.backbone.reduction
         else:
-            self.proj = PatchConv(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
+            self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, cfg.patch_size)
             self.reduction = cfg.patch_size
 
     def grid_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
@@ -83,31 +77,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backbone is not None:
-            return self.proj(self.backbone(x)).flatten(2).transpose(1, 2)
-        return self.proj.tokens(x).flatten(1, 2)
-
-
-class Attention(nn.Module, AttentionRecorder):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, qk_scale: float | None,
-                 attn_drop: float, proj_drop: float) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [B, heads, N, d]
-        x, weights = attention(q, k, v, scale=self.scale, need_weights=self.record,
-                               dropout_p=self.attn_drop if self.training else 0.0)
-        if self.record:
-            self.recorded = weights.detach()
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+            x = self.backbone(x)  # [B, C', H/p, W/p]
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, D, H/p, W/p] -> [B, N, D]
 
 
 class Block(nn.Module):
@@ -118,15 +89,16 @@ class Block(nn.Module):
         dim = cfg.embed_dim
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.qk_scale,
-                              cfg.attn_drop_rate, cfg.drop_rate)
+                              cfg.attn_drop_rate, cfg.drop_rate)  # over all N tokens
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.drop_rate)
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.drop_path1(self.attn(self.norm1(x))), self.attn, self.drop_path1)
-        return add_mlp(x, self.mlp, self.norm2(x), self.drop_path2)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))  # [B, N, D]
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
 
 
 class PreLogits(nn.Module):

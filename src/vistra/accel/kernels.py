@@ -1,0 +1,41 @@
+"""The CPU kernels vistra.accel calls that PyTorch does not expose publicly, and the one test of
+when they may run. Nothing outside this package touches private torch APIs.
+
+oneDNN's linear adds the bias (and optionally GELU, or a residual) inside the GEMM, where
+nn.Linear's addmm writes the bias into the whole output in a separate pass; in bf16 it also
+runs from a weight kept in oneDNN's own blocked layout. Figures: benchmarks/README.md and
+benchmarks/bf16.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vistra.models.layers import tracing
+
+fused_linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+pack_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+fused_binary = getattr(fused_linear, "binary", None)  # the GEMM plus an elementwise op
+FUSED_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,) if torch.backends.mkldnn.is_available()
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported() else ())
+
+
+def eager_inference(x: torch.Tensor) -> bool:
+    """Whether an accelerated module may take its fast path for input `x`: eager CPU
+    inference. Not under autocast (the plain path is the one that casts), not when a gradient
+    must flow, not while a graph is recorded (export, torch.compile: standard operators
+    only)."""
+    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and not (torch.is_grad_enabled() and x.requires_grad) and not tracing())
+
+
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """oneDNN's fused linear serves x and weight of one dtype it supports."""
+    return (fused_linear is not None and eager_inference(x) and x.dtype in FUSED_DTYPES
+            and weight.dtype == x.dtype and not weight.requires_grad)
+
+
+def softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits of softmax over the last dim, from its output: aten's own kernel."""
+    return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)

@@ -1,0 +1,66 @@
+"""The training-safe part of vistra.accel, which `vistra train` applies explicitly: attention
+by the CPU's fastest exact kernel with its gradients (vistra.accel.attention), and q, k, v split
+into copies whose backward writes each gradient into its slice of one buffer, where autograd's
+own backward of the views stacks the three and copies the permuted stack (benchmarks/bf16.md).
+Parameters, state-dict keys and gradients stay those of the plain model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vistra.models.layers import Attention, split_heads, tracing
+
+from .attention import cpu_attention
+from .swap import accelerate
+
+
+class TrainingAttention(Attention):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.record or tracing() or x.device.type != "cpu":
+            return super().forward(x, mask)
+        *lead, N, C = x.shape
+        qkv = self.qkv(x)
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            q, k, v = SplitHeads.apply(qkv, self.num_heads)
+        else:
+            q, k, v = split_heads(qkv, self.num_heads)  # [..., heads, N, d]
+        bias = self.position_bias()
+        if mask is not None:
+            mask = mask[:, None]  # [nW, 1, N, N]
+            bias = mask if bias is None else bias + mask
+        x = cpu_attention(q, k, v, bias, self.scale, self.attn_drop if self.training else 0.0)
+        x = x.transpose(len(lead), len(lead) + 1).reshape(*lead, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class SplitHeads(torch.autograd.Function):
+    """split_heads as contiguous copies, with a backward into one [..., N, 3, heads, d] buffer."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        return tuple(p.clone(memory_format=torch.contiguous_format)
+                     for p in split_heads(qkv, heads))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        like = next(g for g in grads if g is not None)
+        *lead, heads, N, d = like.shape
+        out = like.new_empty(*lead, N, 3, heads, d)
+        for i, grad in enumerate(grads):
+            if grad is None:
+                out.select(-3, i).zero_()
+            else:
+                out.select(-3, i).copy_(grad.transpose(-2, -3))
+        return out.view(*lead, N, 3 * heads * d), None
+
+
+def accelerate_training(model: nn.Module) -> nn.Module:
+    """`model` itself with its attention modules trained by TrainingAttention, on the CPU
+    (elsewhere, and for an unknown module, unchanged)."""
+    if next(model.parameters()).device.type == "cpu":
+        for module in model.modules():
+            if isinstance(module, Attention):
+                accelerate(module, TrainingAttention)
+    return model

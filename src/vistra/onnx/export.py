@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vistra.fileio import atomic_write_bytes, file_sha256
-from vistra.models import SwinTransformer, fastpath
+from vistra.models import SwinTransformer
 from vistra.onnx.metadata import OnnxMetadata, read_onnx_metadata
 from vistra.weights import load_checkpoint
 
@@ -45,10 +45,10 @@ def foreign_ops(model_proto) -> list[str]:
 
 
 def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
-    """The model as ONNX bytes, batch, height and width declared dynamic; traced on the plain
-    reference path (no oneDNN fast paths, no in-place adds, no caches) without autograd."""
+    """The model as ONNX bytes, batch, height and width declared dynamic; traced without
+    autograd."""
     buffer = io.BytesIO()
-    with fastpath.disabled(), torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns at each Python-level decision on a shape; the export's own test at
         # a second size is what tells whether one of them matters.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -67,7 +67,7 @@ def _eager_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     if resizable:
         model.cfg = dataclasses.replace(cfg, dynamic_img_size=True)
     try:
-        with fastpath.disabled(), torch.no_grad():
+        with torch.no_grad():
             return model(x).float().numpy()
     finally:
         if resizable:
@@ -142,7 +142,7 @@ def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
                                                             generator=generator), opset))
     if bad := foreign_ops(proto):
         raise ValueError(f"the exported graph of {model.name} holds non-standard operators "
-                         f"({', '.join(bad)}); export under vistra.models.fastpath.disabled()")
+                         f"({', '.join(bad)}); export the plain model, not vistra.optimize's")
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     error = _max_error(session, model, torch.randn(3, in_chans, h, w, generator=generator))
     # At the export size onnxruntime must run: an error there is a bug to show, not a size.

@@ -2,7 +2,8 @@
 
 Each training step frees its activations and allocates them again. With glibc's default
 thresholds most of those blocks go back to the kernel and return as fresh pages, so a small
-model's step spends its time in page faults (~27,000 a second for swin_fmnist on 2 cores).
+model's step spends its time in page faults (benchmarks/fashion_mnist_ablations.md
+counts them, and what raising the thresholds bought).
 Raising the thresholds once, as `MALLOC_TRIM_THRESHOLD_`/`MALLOC_TOP_PAD_`/
 `MALLOC_MMAP_THRESHOLD_` would, lets the process reuse its peak memory; Intel's PyTorch CPU
 guide makes the same point with jemalloc/tcmalloc. The cost is that the process keeps its

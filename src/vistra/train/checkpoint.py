@@ -24,8 +24,10 @@ from vistra.fileio import atomic_write
 FORMAT = "vistra-train/1"
 KEYS = ("epoch", "best_top1", "best_epoch", "best_weights", "classes", "config", "model",
         "optimizer", "scheduler", "ema", "history", "run")
+LAST = "last.ckpt"  # this file
+BEST = "best.safetensors"  # the weights that validated best, for eval, predict and export
 # Files that show a directory holds a run: a new run there would overwrite them.
-RUN_FILES = ("best.safetensors", "last.ckpt", "metrics.jsonl", "config.yaml")
+RUN_FILES = (BEST, LAST, "metrics.jsonl", "config.yaml")
 LOCK_FILE = ".lock"
 
 
@@ -83,7 +85,7 @@ def locked_run_dir(run_dir: Path, new: bool) -> Iterator[Path]:
             stale.unlink()
         found = [name for name in RUN_FILES if (run_dir / name).exists()]
         if new and found:
-            what = (f"continue it with `vistra train --resume {run_dir}`" if "last.ckpt" in found
+            what = (f"continue it with `vistra train --resume {run_dir}`" if LAST in found
                     else "it stopped before its first checkpoint: delete these files")
             raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}); {what} or "
                              "choose another --output")

@@ -6,18 +6,20 @@ rank 0 prints and writes files. Every epoch ends with best.safetensors when vali
 top-1 improved, last.ckpt (resumable, holding the epoch's metrics record) and then the record
 appended to metrics.jsonl: a kill at any point leaves a checkpoint to resume from, and the
 resumed run rewrites metrics.jsonl from it, so no epoch is missing or counted twice.
+
+`_start_run` builds the run's state (a RunState, vistra.train.state); `_fit` is the loop over
+its epochs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import re
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +47,7 @@ from vistra.runtime import mean_logits
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end
-from .checkpoint import load_training_state, locked_run_dir, save_training_state
+from .checkpoint import BEST, LAST, load_training_state, locked_run_dir, save_training_state
 from .config import TrainConfig, config_from_dict
 from .data import build_loaders, draw_seed
 from .distributed import (
@@ -58,17 +60,10 @@ from .distributed import (
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
-from .optim import (
-    build_optimizer,
-    build_scheduler,
-    schedule_length,
-    set_peak_lr,
-    set_schedule_length,
-)
+from .optim import build_optimizer, build_scheduler, set_schedule_length
 from .params import freeze_all_but_head
+from .state import Best, RunIdentity, RunState
 
-LAST = "last.ckpt"
-BEST = "best.safetensors"
 # Options a resumed run may change: none alters what the schedule has done or will do,
 # nor which images it trains on (lr scales the rest of the schedule, e.g. after a divergence).
 RESUME_OVERRIDES = ("lr", "clip_grad", "device", "workers", "threads", "cache_images", "quiet")
@@ -93,7 +88,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         # rank 0 holds the run directory's lock until this returns or the process ends
         run_dir = on_main(lambda: held.enter_context(locked_run_dir(_new_run_dir(cfg), new=True)),
                           ctx)
-        return _fit(cfg, ctx, run_dir, state=None)
+        return _fit(cfg, ctx, run_dir, saved=None)
 
 
 def resume(run_dir: str | Path, device: str | None = None, **overrides) -> TrainResult:
@@ -115,10 +110,10 @@ def resume(run_dir: str | Path, device: str | None = None, **overrides) -> Train
             held.enter_context(locked_run_dir(run_dir, new=False))
             return load_training_state(run_dir / LAST)
 
-        state = on_main(load, ctx)
-        cfg = replace(config_from_dict(state["config"], source=str(run_dir / LAST)),
+        saved = on_main(load, ctx)
+        cfg = replace(config_from_dict(saved["config"], source=str(run_dir / LAST)),
                       **{**overrides, "device": device})
-        return _fit(cfg, ctx, run_dir, state)
+        return _fit(cfg, ctx, run_dir, saved)
 
 
 def _flags(names) -> list[str]:
@@ -135,6 +130,92 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
     if ctx.is_main and not cfg.quiet:
         print(message, flush=True)
+
+
+def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) -> TrainResult:
+    """Train to the end of the schedule, from the start or from `saved` (the last.ckpt that
+    a resumed run continues)."""
+    clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
+    run = _start_run(cfg, ctx, run_dir, saved)
+    clock -= sum(run.epoch_times)
+    cfg = run.cfg  # with bf16 resolved
+    with _stops_explained(run):
+        while run.epoch < run.planned:
+            run.epoch += 1
+            start = time.perf_counter()
+            run.sampler.set_epoch(run.epoch)
+            train_loss, train_acc = train_one_epoch(run.net, run.train_loader, run.optimizer,
+                                                    run.scheduler, cfg, ctx, run.epoch, run.ema,
+                                                    run.mixer, run.planned)
+            record, (which, top1, weights) = _validate_epoch(run, train_loss, train_acc)
+            improved = top1 > run.best.top1
+            if improved:
+                run.best = Best(top1, run.epoch, which)
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            run.epoch_times.append(record["seconds"])
+            replanned = _replan(run, time.perf_counter() - clock)
+            record["epochs"] = run.planned
+            run.history.append(record)  # before last.ckpt is saved: it holds the record
+            if ctx.is_main:
+                _save_epoch(run, record, weights if improved else None, replanned)
+    best = run.best
+    _say(ctx, cfg, f"best validation top-1 {best.top1:.2%} (epoch {best.epoch}, "
+                   f"{best.weights} weights) -> {run_dir / BEST}")
+    return TrainResult(run_dir, best.top1, best.epoch, best.weights,
+                       run.history if ctx.is_main else [], run.split, run.model)
+
+
+def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
+               saved: dict | None) -> RunState:
+    """The run ready for its first epoch, or for the one after `saved`: data scanned, model,
+    EMA, loaders, optimizer and schedule built (and restored), rank 0's run files opened."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg = resolve_bf16(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
+    split = _prepare_data(cfg, ctx, run_dir)
+    if saved is not None and saved["classes"] != split.classes:
+        raise ValueError(f"{cfg.data} now has classes {split.classes}, the run in {run_dir} "
+                         f"was trained on {saved['classes']}; resume needs the same folders")
+    num_classes = len(split.classes)
+    model = _build_model(cfg, num_classes, cfg.weights if saved is None else None)
+    # Convolution weights in channels-last: oneDNN runs convolutions NHWC natively and would
+    # otherwise reorder every activation and gradient (benchmarks/fashion_mnist_ablations.md).
+    model.to(ctx.device, memory_format=torch.channels_last)
+    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
+    train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
+    split.images.clear()  # the loaders' caches hold them now, in the model's mode
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    mixer = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixer = MixupCutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob,
+                            cfg.mix_switch_prob, cfg.label_smoothing)
+    run = RunState(cfg, ctx, run_dir, split,
+                   RunIdentity.of(split, cfg.data, ctx.world_size, len(train_loader)),
+                   model=model, net=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                   train_loader=train_loader, sampler=sampler, val_loader=val_loader,
+                   mixer=mixer)
+    if saved is not None:
+        run.load_state_dict(saved)
+    if ctx.distributed:
+        run.net = DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if ctx.is_main:
+        _open_run_files(run, resumed=saved is not None)
+    return run
+
+
+def _open_run_files(run: RunState, resumed: bool) -> None:
+    """Rank 0's logger, which rewrites metrics.jsonl from the checkpoint's records, and a new
+    run's epoch-0 last.ckpt, so that even an interruption in epoch 1 can be resumed."""
+    if resumed and read_metrics(run.run_dir) != run.history:
+        _say(run.ctx, run.cfg, f"{run.run_dir / 'metrics.jsonl'}: rewritten from {LAST} "
+                               f"(epochs 1-{run.epoch}); later records were of epochs to be "
+                               "redone")
+    run.logger = RunLogger(run.run_dir, run.history)
+    if not resumed:
+        save_training_state(run.state_dict(), run.run_dir / LAST)
+    _say(run.ctx, run.cfg, f"run directory: {run.run_dir}")
 
 
 def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
@@ -175,37 +256,6 @@ def _scan(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
     _say(ctx, cfg, f"{cfg.data}: {len(split.classes)} classes ({where})\n"
                    f"{format_class_counts(split)}")
     return split
-
-
-def _data_identity(split: DatasetSplit, root: str) -> dict:
-    """A hash of the files each part trains on (paths relative to the folder, and labels),
-    with the counts, so that a resumed run can tell when the folder has changed."""
-    digest = hashlib.sha256()
-    for part, samples in (("train", split.train), ("val", split.val)):
-        for path, label in samples:
-            digest.update(f"{part}\t{os.path.relpath(path, root)}\t{label}\n".encode(
-                "utf-8", "surrogateescape"))
-    return {"sha256": digest.hexdigest(), "train": len(split.train), "val": len(split.val)}
-
-
-def _check_same_run(run: dict, now: dict, cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume when the data, the process count or the steps per epoch differ: the
-    schedule, the split and the budget would silently stop matching the epochs done."""
-    if run["data"]["sha256"] != now["data"]["sha256"]:
-        was, new = run["data"], now["data"]
-        raise ValueError(
-            f"{cfg.data}: the images have changed since the run in {run_dir} started "
-            f"(train {was['train']} -> {new['train']}, val {was['val']} -> {new['val']} "
-            "files, or files renamed or moved between classes); resume needs the same files: "
-            "restore them, or start a new run")
-    if run["world_size"] != now["world_size"]:
-        raise ValueError(f"the run in {run_dir} was trained by {run['world_size']} process(es), "
-                         f"this resume has {now['world_size']}; resume it with the same torchrun "
-                         "process count")
-    if run["steps_per_epoch"] != now["steps_per_epoch"]:
-        raise ValueError(f"an epoch of the run in {run_dir} had {run['steps_per_epoch']} steps, "
-                         f"now it would have {now['steps_per_epoch']}; resume needs the same "
-                         "data, batch size and process count")
 
 
 def _build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None) -> nn.Module:
@@ -283,150 +333,82 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, state: dict | None) -> TrainResult:
-    clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    cfg = resolve_bf16(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
-    split = _prepare_data(cfg, ctx, run_dir)
-    if state is not None and state["classes"] != split.classes:
-        raise ValueError(f"{cfg.data} now has classes {split.classes}, the run in {run_dir} "
-                         f"was trained on {state['classes']}; resume needs the same folders")
-    num_classes = len(split.classes)
-    model = _build_model(cfg, num_classes, cfg.weights if state is None else None)
-    # Convolution weights in channels-last: oneDNN runs convolutions NHWC natively and would
-    # otherwise reorder every activation and gradient; conv-stem models step 6-9% faster.
-    model.to(ctx.device, memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
-    train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
-    split.images.clear()  # the loaders' caches hold them now, in the model's mode
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
-    run = {"data": _data_identity(split, cfg.data), "world_size": ctx.world_size,
-           "steps_per_epoch": len(train_loader)}
-    best = {"best_top1": -1.0, "best_epoch": 0, "best_weights": "model"}
-    start_epoch = 0
-    history: list[dict] = []  # the metrics records of the epochs done
-    if state is not None:
-        _check_same_run(state["run"], run, cfg, run_dir)
-        try:
-            model.load_state_dict(state["model"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-        except RuntimeError as err:
-            raise ValueError(f"{run_dir / LAST}: its weights do not fit {cfg.model} as this "
-                             f"version of vistra builds it ({_one_line(err)}); resume it with "
-                             "the version that wrote it") from err
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_peak_lr(scheduler, cfg.lr)  # a resume may give a new --lr
-        best = {key: state[key] for key in best}
-        start_epoch = state["epoch"]
-        history = list(state["history"])
-    net = model
-    if ctx.distributed:
-        net = DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    mixer = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixer = MixupCutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob,
-                            cfg.mix_switch_prob, cfg.label_smoothing)
-    extra = {"split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
-                       "source": split.split_source}, "train_config": cfg.to_dict()}
+def _validate_epoch(run: RunState, train_loss: float,
+                    train_acc: float) -> tuple[dict, tuple[str, float, nn.Module]]:
+    """The epoch's metrics record (its time and plan still to add) and the weights that
+    validate best: (name, top-1, module), the model's unless their EMA's are better."""
+    num_classes = len(run.split.classes)
+    val = _validate(run.model, run.val_loader, num_classes, run.cfg, run.ctx)
+    record = {"epoch": run.epoch, "train_loss": train_loss, "train_acc": train_acc,
+              "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
+              "lr": run.optimizer.param_groups[0]["lr"]}
+    candidates = [("model", val.top1, run.model)]
+    if run.ema is not None:
+        ema_val = _validate(run.ema.module, run.val_loader, num_classes, run.cfg, run.ctx)
+        record["ema_val_top1"] = ema_val.top1
+        candidates.append(("ema", ema_val.top1, run.ema.module))
+    return record, max(candidates, key=lambda c: c[1])
 
-    def training_state(epoch: int) -> dict:
-        return {"epoch": epoch, **best, "classes": split.classes, "config": cfg.to_dict(),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "history": history, "run": run}
 
-    logger = None
-    # seconds per epoch, the run's earlier processes' included
-    epoch_times: list[float] = [r["seconds"] for r in history]
-    clock -= sum(epoch_times)
-    if ctx.is_main:
-        if state is not None and read_metrics(run_dir) != history:
-            _say(ctx, cfg, f"{run_dir / 'metrics.jsonl'}: rewritten from {LAST} (epochs "
-                           f"1-{start_epoch}); later records were of epochs to be redone")
-        logger = RunLogger(run_dir, history)
-        if state is None:  # so that even an interruption in epoch 1 can be resumed
-            save_training_state(training_state(0), run_dir / LAST)
-        _say(ctx, cfg, f"run directory: {run_dir}")
-    epoch = completed = start_epoch
-    # the epochs the schedule ends with: cfg.epochs, or what fits the time budget
-    planned = schedule_length(scheduler) // len(train_loader)
+def _replan(run: RunState, elapsed: float) -> bool:
+    """End the schedule with the epochs that fit cfg.time_budget (rank 0's measurement, so
+    all ranks agree) once the schedule depends on them; True if that changed the plan."""
+    cfg = run.cfg
+    if cfg.time_budget is None or run.epoch < warmup_end(cfg.warmup_epochs):
+        return False
+    fitted = broadcast_from_main(
+        replan(cfg.time_budget * 60, elapsed, run.epoch_times, run.planned, cfg.epochs), run.ctx)
+    if fitted == run.planned:
+        return False
+    set_schedule_length(run.scheduler, fitted * run.identity.steps_per_epoch)  # saved with it
+    return True
+
+
+def _save_epoch(run: RunState, record: dict, improved: nn.Module | None,
+                replanned: bool) -> None:
+    """Rank 0's end of an epoch: best.safetensors from `improved` (the weights that beat the
+    best so far, if any), last.ckpt (holding the record), then the record's line in
+    metrics.jsonl and on the screen."""
+    cfg, best = run.cfg, run.best
+    if improved is not None:
+        save_checkpoint(improved, run.run_dir / BEST, classes=run.split.classes,
+                        extra={"split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
+                                         "source": run.split.split_source},
+                               "train_config": cfg.to_dict(), "epoch": best.epoch,
+                               "top1": best.top1, "weights": best.weights})
+    save_training_state(run.state_dict(), run.run_dir / LAST)
+    run.checkpointed = run.epoch
+    run.logger.log(record)
+    _say(run.ctx, cfg, _epoch_line(record, best.weights if improved is not None else None))
+    if replanned:
+        _say(run.ctx, cfg, f"time budget {cfg.time_budget:g} min: epochs take "
+                           f"{statistics.median(run.epoch_times):.0f} s, {run.planned} fit; "
+                           f"the schedule now ends with epoch {run.planned}")
+
+
+@contextmanager
+def _stops_explained(run: RunState) -> Iterator[None]:
+    """An interruption or a failure in the epochs says how to continue; rank 0's logger is
+    closed (drawing the curves) however they end."""
     try:
-        while epoch < planned:
-            epoch += 1
-            start = time.perf_counter()
-            sampler.set_epoch(epoch)
-            train_loss, train_acc = train_one_epoch(net, train_loader, optimizer, scheduler,
-                                                    cfg, ctx, epoch, ema, mixer, planned)
-            val = _validate(model, val_loader, num_classes, cfg, ctx)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                      "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
-                      "lr": optimizer.param_groups[0]["lr"]}
-            candidates = [("model", val.top1, model)]
-            if ema is not None:
-                ema_val = _validate(ema.module, val_loader, num_classes, cfg, ctx)
-                record["ema_val_top1"] = ema_val.top1
-                candidates.append(("ema", ema_val.top1, ema.module))
-            which, top1, weights = max(candidates, key=lambda c: c[1])
-            improved = top1 > best["best_top1"]
-            if improved:
-                best = {"best_top1": top1, "best_epoch": epoch, "best_weights": which}
-            record["seconds"] = round(time.perf_counter() - start, 3)
-            epoch_times.append(record["seconds"])
-            fitted = _fit_time_budget(cfg, ctx, epoch, epoch_times, time.perf_counter() - clock,
-                                      planned)
-            replanned = fitted not in (None, planned)
-            if replanned:
-                set_schedule_length(scheduler, fitted * len(train_loader))  # saved with it
-                planned = fitted
-            record["epochs"] = planned
-            history.append(record)
-            if ctx.is_main:
-                if improved:
-                    save_checkpoint(weights, run_dir / BEST, classes=split.classes,
-                                    extra={**extra, "epoch": epoch, "top1": top1,
-                                           "weights": which})
-                save_training_state(training_state(epoch), run_dir / LAST)  # holds the record
-                completed = epoch
-                logger.log(record)
-                _say(ctx, cfg, _epoch_line(record, which if improved else None))
-                if replanned:
-                    _say(ctx, cfg, f"time budget {cfg.time_budget:g} min: epochs take "
-                                   f"{statistics.median(epoch_times):.0f} s, {planned} fit; "
-                                   f"the schedule now ends with epoch {planned}")
+        yield
     except KeyboardInterrupt:
-        if ctx.is_main:
-            print(f"\ninterrupted in epoch {epoch}; {run_dir / LAST} holds the state after "
-                  f"epoch {completed}. Continue with: vistra train --resume {run_dir}",
-                  file=sys.stderr)
+        if run.ctx.is_main:
+            print(f"\ninterrupted in epoch {run.epoch}; {run.run_dir / LAST} holds the state "
+                  f"after epoch {run.checkpointed}. Continue with: vistra train --resume "
+                  f"{run.run_dir}", file=sys.stderr)
         raise
     except FloatingPointError as err:
-        raise FloatingPointError(f"{err} (or continue from epoch {completed} with `vistra train "
-                                 f"--resume {run_dir} --lr SMALLER`)") from err
+        raise FloatingPointError(f"{err} (or continue from epoch {run.checkpointed} with "
+                                 f"`vistra train --resume {run.run_dir} --lr SMALLER`)") from err
     except RuntimeError as err:
-        unreadable = _data_error(err, run_dir)
+        unreadable = _data_error(err, run.run_dir)
         if unreadable is None:
             raise
         raise unreadable from err
     finally:
-        if logger is not None:
-            logger.close(history)
-    if not ctx.is_main:
-        history = []
-    _say(ctx, cfg, f"best validation top-1 {best['best_top1']:.2%} (epoch {best['best_epoch']}, "
-                   f"{best['best_weights']} weights) -> {run_dir / BEST}")
-    return TrainResult(run_dir, best["best_top1"], best["best_epoch"], best["best_weights"],
-                       history, split, model)
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+        if run.logger is not None:
+            run.logger.close(run.history)
 
 
 def _data_error(err: RuntimeError, run_dir: Path) -> ValueError | None:
@@ -437,16 +419,6 @@ def _data_error(err: RuntimeError, run_dir: Path) -> ValueError | None:
         return None
     return ValueError(f"{found.group(1)} (it changed since the scan); restore the file (a "
                       f"resume needs the same files), then `vistra train --resume {run_dir}`")
-
-
-def _fit_time_budget(cfg: TrainConfig, ctx: DistContext, epoch: int, epoch_times: list[float],
-                     elapsed: float, planned: int) -> int | None:
-    """The epochs that fit cfg.time_budget (rank 0's measurement, so all ranks agree), or
-    None while the schedule does not depend on them yet."""
-    if cfg.time_budget is None or epoch < warmup_end(cfg.warmup_epochs):
-        return None
-    return broadcast_from_main(
-        replan(cfg.time_budget * 60, elapsed, epoch_times, planned, cfg.epochs), ctx)
 
 
 def _epoch_line(r: dict, saved: str | None) -> str:

@@ -5,12 +5,12 @@ telling ViT from Swin by class.
 Adding a family is one model file and one `register_family` call (tests/test_model_family.py
 does it with a toy family): the registry then builds its variants, `vistra models` and
 `vistra flops` count them, training groups their parameters and checkpoints save and load
-them, with no other module changed.
+them, explain maps them and the weights loader names them, with no other module changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,10 @@ from torch import nn
 
 from .base import DataConfig, VistraModel
 from .cost import Cost, Stage, swin_cost, swin_stages, vit_cost, vit_stages
+from .peers import SWIN_TIMM_NAMES, VIT_TIMM_NAMES, swin_hf_peer, vit_hf_peer
 from .swin import SwinConfig, SwinTransformer
 from .vit import VisionTransformer, ViTConfig
+from .weight_facts import SWIN_STRUCTURE, VIT_STRUCTURE, swin_weight_facts, vit_weight_facts
 
 
 def one_stage(path: str) -> str:
@@ -46,7 +48,20 @@ class ModelFamily:
     name for the measured FLOPs; the kind is read from the path: `attn.qkv`/`attn.proj`,
     `attn`, `mlp`, `downsample`, with `patch_embed` the embedding and `head`, `head_dist`,
     `pre_logits`, `norm` the head. windowed: attention within windows (else a window in the
-    `flops` table is a what-if)."""
+    `flops` table is a what-if).
+
+    explain_methods: the names of vistra.explain's methods that apply, the default first;
+    `gradient` and `occlusion` work on any model. token_stride: model -> input pixels per side
+    of a token of its patch grid, each token's centre in the middle of its square: explain
+    spreads token maps over the image by it, and occlusion hides one token's square at a
+    time; None: no token grid. weight_facts: a state dict in vistra's layout -> the config
+    fields its shapes show, or None when the keys are not this family's; structure_facts:
+    those of them that make a different network (the others only rank the registered names),
+    so that a file that does not fit names the model it belongs to. hf_peer: (the
+    transformers module, config, image side) -> transformers' model with the config's
+    numbers, randomly initialised, or None where transformers has none. timm_names: variant
+    name -> timm's "name.tag" of its default weights on the HuggingFace hub (a variant not
+    listed has none)."""
 
     name: str
     label: str
@@ -58,6 +73,12 @@ class ModelFamily:
     modelled_fields: frozenset[str] = frozenset()
     flops_stage: Callable[[str], str] = one_stage
     windowed: bool = False
+    explain_methods: tuple[str, ...] = ("gradient", "occlusion")
+    token_stride: Callable[[nn.Module], int] | None = None
+    weight_facts: Callable[[Mapping[str, Any]], dict | None] | None = None
+    structure_facts: frozenset[str] = frozenset()
+    hf_peer: Callable[[Any, Any, int], nn.Module | None] | None = None
+    timm_names: Mapping[str, str] = field(default_factory=dict)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -101,8 +122,26 @@ _SWIN_FIELDS = frozenset({
     "window_size", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate", "attn_drop_rate",
     "drop_path_rate", "conv_stem"})
 
-register_family(ModelFamily("vit", "ViT", ViTConfig, VisionTransformer, stages=vit_stages,
-                            cost=vit_cost, modelled_fields=_VIT_FIELDS))
-register_family(ModelFamily("swin", "Swin", SwinConfig, SwinTransformer, stages=swin_stages,
-                            cost=swin_cost, modelled_fields=_SWIN_FIELDS,
-                            flops_stage=stage_by_layer, windowed=True))
+
+
+def vit_token_stride(model: nn.Module) -> int:
+    """The patch, or the R50 hybrid's total stride."""
+    return model.patch_embed.reduction
+
+
+def swin_token_stride(model: nn.Module) -> int:
+    """The first stage's patch (each patch merging then doubles it)."""
+    return model.cfg.patch_size
+
+
+register_family(ModelFamily(
+    "vit", "ViT", ViTConfig, VisionTransformer, stages=vit_stages, cost=vit_cost,
+    modelled_fields=_VIT_FIELDS, explain_methods=("grad-rollout", "rollout"),
+    token_stride=vit_token_stride, weight_facts=vit_weight_facts,
+    structure_facts=VIT_STRUCTURE, hf_peer=vit_hf_peer, timm_names=VIT_TIMM_NAMES))
+register_family(ModelFamily(
+    "swin", "Swin", SwinConfig, SwinTransformer, stages=swin_stages, cost=swin_cost,
+    modelled_fields=_SWIN_FIELDS, flops_stage=stage_by_layer, windowed=True,
+    explain_methods=("gradcam", "scorecam", "window"), token_stride=swin_token_stride,
+    weight_facts=swin_weight_facts, structure_facts=SWIN_STRUCTURE, hf_peer=swin_hf_peer,
+    timm_names=SWIN_TIMM_NAMES))

@@ -1,7 +1,8 @@
 """Weights by name, from the local HuggingFace cache only: vistra never downloads.
 
 A name is resolved to a HuggingFace repository:
-  pretrained=True                    timm's default tag of the model (DEFAULT_TAGS)
+  pretrained=True                    timm's default tag of the model (its family's
+                                     `timm_names`)
   "vit_base_patch16_224.augreg2_in21k_ft_in1k" as the model name, or pretrained="augreg2_..."
                                      timm/<model>.<tag>
   "hf-hub:org/name" or "org/name"    that repository (timm's or transformers' layout)
@@ -17,55 +18,13 @@ import os
 import re
 from pathlib import Path
 
+from vistra.models import families, list_models
+
 HF_PREFIX = "hf-hub:"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".ckpt")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _TAG = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
-
-# timm's default pretrained tag (the first listed in its default_cfgs) of each name vistra
-# registers, read from timm/models/{vision_transformer,vision_transformer_hybrid,deit,
-# swin_transformer}.py; the `_in21k` / `_in22k` names are timm's deprecated aliases, mapped
-# as timm maps them. vit_huge_patch14_224 is left out: timm's default for it is untrained.
-DEFAULT_TAGS = {
-    "vit_tiny_patch16_224": "augreg_in21k_ft_in1k",
-    "vit_small_patch16_224": "augreg_in21k_ft_in1k",
-    "vit_base_patch16_224": "augreg2_in21k_ft_in1k",
-    "vit_base_patch32_224": "augreg_in21k_ft_in1k",
-    "vit_large_patch16_224": "augreg_in21k_ft_in1k",
-    "vit_large_patch32_224": "orig_in21k",
-    "vit_base_patch16_384": "augreg_in21k_ft_in1k",
-    "vit_base_patch32_384": "augreg_in21k_ft_in1k",
-    "vit_large_patch16_384": "augreg_in21k_ft_in1k",
-    "vit_large_patch32_384": "orig_in21k_ft_in1k",
-    "deit_tiny_patch16_224": "fb_in1k",
-    "deit_small_patch16_224": "fb_in1k",
-    "deit_base_patch16_224": "fb_in1k",
-    "deit_tiny_distilled_patch16_224": "fb_in1k",
-    "deit_small_distilled_patch16_224": "fb_in1k",
-    "deit_base_distilled_patch16_224": "fb_in1k",
-    "vit_base_r50_s16_224": "orig_in21k",
-    "vit_base_r50_s16_384": "orig_in21k_ft_in1k",
-    "swin_tiny_patch4_window7_224": "ms_in1k",
-    "swin_small_patch4_window7_224": "ms_in22k_ft_in1k",
-    "swin_base_patch4_window7_224": "ms_in22k_ft_in1k",
-    "swin_large_patch4_window7_224": "ms_in22k_ft_in1k",
-    "swin_base_patch4_window12_384": "ms_in22k_ft_in1k",
-    "swin_large_patch4_window12_384": "ms_in22k_ft_in1k",
-}
-# vistra name -> timm's name and tag, for the names timm has deprecated.
-TIMM_ALIASES = {
-    "vit_base_patch16_224_in21k": ("vit_base_patch16_224", "augreg_in21k"),
-    "vit_base_patch32_224_in21k": ("vit_base_patch32_224", "augreg_in21k"),
-    "vit_large_patch16_224_in21k": ("vit_large_patch16_224", "augreg_in21k"),
-    "vit_large_patch32_224_in21k": ("vit_large_patch32_224", "orig_in21k"),
-    "vit_huge_patch14_224_in21k": ("vit_huge_patch14_224", "orig_in21k"),
-    "vit_base_r50_s16_224_in21k": ("vit_base_r50_s16_224", "orig_in21k"),
-    "swin_base_patch4_window7_224_in22k": ("swin_base_patch4_window7_224", "ms_in22k"),
-    "swin_base_patch4_window12_384_in22k": ("swin_base_patch4_window12_384", "ms_in22k"),
-    "swin_large_patch4_window7_224_in22k": ("swin_large_patch4_window7_224", "ms_in22k"),
-    "swin_large_patch4_window12_384_in22k": ("swin_large_patch4_window12_384", "ms_in22k"),
-}
 
 
 def split_tag(name: str) -> tuple[str, str | None]:
@@ -76,8 +35,6 @@ def split_tag(name: str) -> tuple[str, str | None]:
 
 def is_tagged_model_name(name: str) -> bool:
     """Whether `name` is a registered model with a timm tag (and not a file of that name)."""
-    from vistra.models import list_models
-
     base, tag = split_tag(name)
     return (tag is not None and bool(_TAG.fullmatch(tag)) and base in list_models()
             and not Path(name).exists())
@@ -109,16 +66,20 @@ def hub_repo(pretrained: str | os.PathLike | bool, model_name: str | None = None
     return None
 
 
+def _timm_default(name: str) -> str | None:
+    """timm's "name.tag" of the default weights of variant `name`, as its family lists it."""
+    return next((f.timm_names[name] for f in families() if name in f.timm_names), None)
+
+
 def default_repo(name: str) -> str | None:
     """The HuggingFace repository of `name`'s default weights (pretrained=True), if any."""
-    timm_name, tag = TIMM_ALIASES.get(name, (name, None))
-    tag = tag or DEFAULT_TAGS.get(timm_name)
-    return f"timm/{timm_name}.{tag}" if tag else None
+    found = _timm_default(name)
+    return f"timm/{found}" if found else None
 
 
 def _timm_repo(name: str, tag: str | None) -> str:
-    if tag is not None:
-        return f"timm/{TIMM_ALIASES.get(name, (name, None))[0]}.{tag}"
+    if tag is not None:  # timm's name: an `_in21k` alias is timm's name without the suffix
+        return f"timm/{split_tag(_timm_default(name) or name)[0]}.{tag}"
     repo = default_repo(name)
     if repo is None:
         raise ValueError(f"{name} has no default pretrained weights; name them with a tag "

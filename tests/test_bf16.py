@@ -27,7 +27,7 @@ needs_onednn_bf16 = pytest.mark.skipif(
 def with_amx(amx: bool, monkeypatch) -> None:
     """The capability probe answering as a CPU with (or without) AMX."""
     flags = frozenset({"avx512_bf16"} | ({"amx_tile", "amx_bf16"} if amx else set()))
-    monkeypatch.setattr(vistra.accel.attention, "capabilities",
+    monkeypatch.setattr(vistra.accel.attention, "probe",
                         lambda: Capabilities("test CPU", flags, 2))
 
 

@@ -15,7 +15,7 @@ import torch
 
 from vistra.models.layers import attention as plain_attention
 
-from .capabilities import capabilities
+from .capabilities import probe
 from .kernels import softmax_backward
 
 
@@ -33,7 +33,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         if grad and bias is None and not dropout_p:
             return RecomputedAttention.apply(q, k, v, scale)
-        if not grad and not capabilities().amx:
+        if not grad and not probe().amx:
             weights = (q @ k.transpose(-2, -1)).mul_(scale)  # [..., heads, N, N], in place
             if bias is not None:
                 weights.add_(bias)

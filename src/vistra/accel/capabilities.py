@@ -65,7 +65,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 
 
 @functools.cache
-def capabilities() -> Capabilities:
+def probe() -> Capabilities:
     """This machine's CPU, read once per process."""
     name, flags = cpu_info()
     return Capabilities(name, flags, os.cpu_count() or 1)
@@ -73,7 +73,7 @@ def capabilities() -> Capabilities:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 arithmetic, where bf16 pays."""
-    return capabilities().bf16
+    return probe().bf16
 
 
 def resolve_dtype(dtype: str, backend: str, device: str = "cpu") -> str:

@@ -1,12 +1,15 @@
 """A model family is one model class and one registration: a toy family defined here, known to
 no vistra module, is listed and counted by `vistra models` and `vistra flops`, builds, trains
-with the right optimizer groups and head freezing, and saves and loads as a checkpoint."""
+with the right optimizer groups and head freezing, trains an epoch with `vistra.train`, saves
+and loads as a checkpoint, and is explained by the methods it declares."""
 
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import vistra
@@ -14,6 +17,8 @@ import vistra.models.family as family_module
 import vistra.models.registry as registry_module
 from vistra.analysis.complexity import model_cost, stages, unmodelled_fields
 from vistra.cli import main
+from vistra.explain import default_method, methods_for
+from vistra.explain.generic import occlusion
 from vistra.models import (
     ModelFamily,
     SwinConfig,
@@ -25,6 +30,7 @@ from vistra.models import (
     register_family,
 )
 from vistra.models.layers import to_2tuple
+from vistra.train import TrainConfig, train
 from vistra.train.params import freeze_all_but_head, param_groups
 from vistra.weights import load_checkpoint, save_checkpoint
 
@@ -84,7 +90,9 @@ def toy(monkeypatch):
     """The toy family and one variant, registered for this test only."""
     monkeypatch.setattr(family_module, "_FAMILIES", dict(family_module._FAMILIES))
     monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
-    register_family(ModelFamily("toy", "Toy", ToyConfig, ToyNet))
+    register_family(ModelFamily("toy", "Toy", ToyConfig, ToyNet,
+                                explain_methods=("occlusion", "gradient"),
+                                token_stride=lambda model: model.cfg.patch_size))
     register("toy_tiny", ToyConfig(), crop_pct=1.0)
     return "toy_tiny"
 
@@ -148,3 +156,67 @@ def test_a_model_built_from_its_class_saves_and_loads(model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
     assert loaded.classes == list("abcde") and loaded.arch == model.arch
+
+
+def colour_folder(root, size=32, per_class=6):
+    """root/<colour>/<i>.png: noisy solid colours of two classes."""
+    rng = np.random.default_rng(0)
+    for name, rgb in {"blue": (30, 30, 220), "red": (220, 30, 30)}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_trains_an_epoch_and_its_best_checkpoint_answers_as_the_trained_model(toy, tmp_path):
+    result = train(TrainConfig(data=str(colour_folder(tmp_path / "data")), model=toy,
+                               output=str(tmp_path / "run"), epochs=1, batch_size=4, workers=0,
+                               device="cpu", quiet=True))
+    assert [r["epoch"] for r in result.history] == [1]
+    best = load_checkpoint(result.run_dir / "best.safetensors").eval()
+    assert type(best) is ToyNet and best.name == toy and best.classes == ["blue", "red"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(best(x), result.model.eval()(x))
+
+
+def test_explained_by_its_declared_default_at_the_inputs_size(toy):
+    model = vistra.create_model(toy).eval()
+    assert methods_for(model) == ("occlusion", "gradient")
+    assert default_method(model) == "occlusion"
+    e = vistra.explain(model, torch.randn(3, 32, 32))
+    assert e.method == "occlusion" and e.map.shape == (32, 32)
+    assert 0 <= float(e.map.min()) and float(e.map.max()) <= 1
+    image = Image.new("RGB", (48, 40), (200, 30, 30))  # resized and centre-cropped to 32
+    assert vistra.explain(model, image, method="gradient").map.shape == (40, 48)
+    with pytest.raises(ValueError, match="does not apply"):
+        vistra.explain(model, torch.randn(3, 32, 32), method="rollout")
+
+
+def test_occlusion_is_the_probability_drop_of_each_hidden_token(toy):
+    model = vistra.create_model(toy).eval()
+    x = torch.randn(1, 3, 32, 32)
+    drops, _ = occlusion(model, x, torch.tensor([2]), patch=8, batch_size=5)
+    assert drops.shape == (1, 4, 4)
+    with torch.no_grad():
+        base = model(x).softmax(-1)[0, 2]
+        for r in range(4):
+            for c in range(4):
+                hidden = x.clone()
+                hidden[..., 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 0
+                expected = base - model(hidden).softmax(-1)[0, 2]
+                torch.testing.assert_close(drops[0, r, c], expected)
+
+
+def test_a_family_that_declares_no_methods_is_explained_by_the_input_gradient(toy):
+    register_family(ModelFamily("toy", "Toy", ToyConfig, ToyNet))
+    model = vistra.create_model(toy).eval()
+    assert default_method(model) == "gradient"
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    model(x)[0, 4].backward()
+    saliency = x.grad.abs().amax(1)[0]
+    e = vistra.explain(model, x[0].detach(), target=4)
+    torch.testing.assert_close(e.map, (saliency - saliency.min()) / (saliency.max() -
+                                                                     saliency.min()))
+    assert vistra.explain(model, x[0].detach(), method="occlusion").map.shape == (32, 32)

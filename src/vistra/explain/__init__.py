@@ -1,4 +1,4 @@
-"""Where a ViT or Swin looked: heat maps over the input image, and how faithful they are.
+"""Where a model looked: heat maps over the input image, and how faithful they are.
 
     import vistra
     exp = vistra.explain(model, Image.open("cat.jpg"))     # the family's default method
@@ -11,10 +11,12 @@ and `faithfulness` for deletion / insertion scores). Import those with `from vis
 import ...`, which always reaches the package (`import vistra.explain as x` binds the
 function, as the attribute wins there).
 
-Methods: `rollout` and `grad-rollout` (the default) for ViT / DeiT / R50 hybrid,
-`gradcam` (the default), `scorecam` and `window` for Swin. Each runs the model's normal
-forward with its fast paths on; attention weights are recorded only for the duration of the
-call.
+Methods: each model family declares those that apply to it, its default first (its
+`explain_methods`, models/family.py): `rollout` and `grad-rollout` (the default) for ViT /
+DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin; `gradient` and
+`occlusion` work on any model, and are the methods of a family that declares none. Each runs
+the model's normal forward with its fast paths on; attention weights are recorded only for
+the duration of the call.
 """
 
 from __future__ import annotations
@@ -27,17 +29,15 @@ from PIL import Image
 from torch import nn
 
 from vistra.data import eval_transform
-from vistra.models import SwinTransformer, VisionTransformer
+from vistra.models import get_family
 
 from .attention import grad_rollout, rollout
+from .generic import gradient, occlusion, token_stride
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
 
-METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "scorecam", "window")
-_FAMILY_METHODS = {  # the default first
-    VisionTransformer: ("grad-rollout", "rollout"),
-    SwinTransformer: ("gradcam", "scorecam", "window"),
-}
+METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "scorecam", "window",
+                             "occlusion", "gradient")
 
 __all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
            "methods_for", "overlay"]
@@ -53,11 +53,14 @@ class Explanation:
 
 
 def _family(model: nn.Module) -> tuple[str, ...]:
-    for cls, methods in _FAMILY_METHODS.items():
-        if isinstance(model, cls):
-            return methods
-    raise ValueError(f"explain works on vistra's VisionTransformer and SwinTransformer models, "
-                     f"got {type(model).__name__}; build it with vistra.create_model")
+    """The model family's methods, the default first."""
+    family = get_family(model)
+    unknown = [m for m in family.explain_methods if m not in METHODS]
+    if unknown or not family.explain_methods:
+        raise ValueError(f"the {family.label} family declares the explain methods "
+                         f"{family.explain_methods}; expected one or more of "
+                         f"{', '.join(METHODS)}")
+    return family.explain_methods
 
 
 def methods_for(model: nn.Module) -> tuple[str, ...]:
@@ -66,7 +69,7 @@ def methods_for(model: nn.Module) -> tuple[str, ...]:
 
 
 def default_method(model: nn.Module) -> str:
-    """grad-rollout for ViT-like models, gradcam for Swin."""
+    """The family's default: grad-rollout for ViT-like models, gradcam for Swin."""
     return _family(model)[0]
 
 
@@ -110,17 +113,22 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
     try:
         if method == "rollout":
             grid, logits = rollout(model, x)
-            stride, mode = model.patch_embed.reduction, "bilinear"
+            stride, mode = token_stride(model, x), "bilinear"
         elif method == "grad-rollout":
             grid, logits = grad_rollout(model, x, target)
-            stride, mode = model.patch_embed.reduction, "bilinear"
+            stride, mode = token_stride(model, x), "bilinear"
         elif method in ("gradcam", "scorecam"):
             cam = gradcam if method == "gradcam" else scorecam
             grid, logits, stride = cam(model, x, target, stage, layer=layer)
             mode = "bilinear"
-        else:  # window: keep the tokens' squares visible
+        elif method == "window":  # keep the tokens' squares visible
             grid, logits, stride = window_attention(model, x, block, query)
             mode = "nearest"
+        elif method == "occlusion":
+            stride, mode = token_stride(model, x), "bilinear"
+            grid, logits = occlusion(model, x, target, stride)
+        else:  # gradient: already a map over the input's pixels
+            (grid, logits), stride, mode = gradient(model, x, target), 1, "nearest"
     finally:
         model.train(was_training)
     h, w = grid.shape[-2:]
@@ -151,7 +159,7 @@ def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str 
     method = _check_method(model, method)
     targets = None
     if target is not None:
-        classes = getattr(model, "num_classes", 0)
+        classes = model.arch.num_classes
         if not 0 <= target < classes:
             raise ValueError(f"target must be a class index in 0..{classes - 1}, got {target}")
         targets = torch.tensor([target])

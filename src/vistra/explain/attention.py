@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from vistra.models import VisionTransformer, capture_attention
-from vistra.models.layers import AttentionRecorder
+from vistra.models.layers import Attention
+
+from .generic import token_stride
 
 
 def _patch_grid(model: VisionTransformer, x: torch.Tensor) -> tuple[int, int]:
-    r = model.patch_embed.reduction
+    r = token_stride(model, x)
     return x.shape[-2] // r, x.shape[-1] // r
 
 
@@ -57,7 +59,7 @@ def grad_rollout(model: VisionTransformer, x: torch.Tensor, target: torch.Tensor
     R = R + mean_heads(clamp(dS/dA * A, min=0)) @ R, S the target class's logit.
 
     x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, gh, gw], logits)."""
-    blocks = [m for m in model.modules() if isinstance(m, AttentionRecorder)]  # forward order
+    blocks = [m for m in model.modules() if isinstance(m, Attention)]  # forward order
     values, outputs = [], []
     heads = {id(m.qkv): m.num_heads for m in blocks}
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from vistra.data import eval_transform, load_rgb, scan_image_folder
 
+from .generic import token_stride
 from .imputation import linear_imputation
 
 RANDOM = "random"  # the name of the baseline order in reports
@@ -56,7 +57,7 @@ def random_grid_maps(model: nn.Module, x: torch.Tensor,
     method ranks pixels in blobs of about a patch, and deleting pixels scattered at random
     changes an image more than deleting the same number in a few blobs, so a map should be
     measured against a random order of the same grain too."""
-    stride = getattr(model.patch_embed, "reduction", None) or model.patch_embed.patch_size
+    stride = token_stride(model, x)
     B, _, H, W = x.shape
     grid = torch.rand(B, 1, -(-H // stride), -(-W // stride), generator=generator)
     up = F.interpolate(grid, scale_factor=stride, mode="bilinear")

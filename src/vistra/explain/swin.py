@@ -9,12 +9,12 @@ class score: one forward and backward. Score-CAM (Wang et al. 2020) weighs each 
 the class probability of the input masked by that channel's map: a forward per channel,
 and the most faithful maps measured here. Both read the LayerNorm entering a stage's last
 block; which stage, by measurement (benchmarks/explain.md, docs/explain.md): Grad-CAM the
-last (pytorch-grad-cam's choice for Swin), Score-CAM the first. There each found the object
-on a task whose answer is known (tests/test_explain.py) for 92-100% of images over five
-seeds, and deleted as fast as or faster than the other layers measured on Fashion-MNIST.
-Grad-CAM's ReLU leaves nothing where every token counts against the class (10-22% of
-Fashion-MNIST test images at the last stage, three checkpoints); such a map is kept signed,
-the least negative tokens highest, not left blank.
+last (pytorch-grad-cam's choice for Swin), Score-CAM the first, the layers that found the
+object most often on a task whose answer is known (tests/test_explain.py) and deleted as
+fast as or faster than the others on Fashion-MNIST. Grad-CAM's ReLU leaves nothing where
+every token counts against the class (for a share of Fashion-MNIST test images at the last
+stage, benchmarks/explain.md); such a map is kept signed, the least negative tokens highest,
+not left blank.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistra.models import SwinTransformer, capture_attention
-from vistra.models.swin import SwinBlock
 
 
 def gradcam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
@@ -125,8 +124,9 @@ def stage_stride(model: SwinTransformer, stage: int) -> int:
     return model.cfg.patch_size * 2 ** stage
 
 
-def swin_blocks(model: SwinTransformer) -> list[SwinBlock]:
-    return [m for m in model.modules() if isinstance(m, SwinBlock)]
+def swin_blocks(model: SwinTransformer) -> list[nn.Module]:
+    """Every block of every stage, in forward order."""
+    return [block for stage in model.layers for block in stage.blocks]
 
 
 def window_attention(model: SwinTransformer, x: torch.Tensor, block: int | None = None,

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vistra.accel.capabilities import resolve_dtype
+from vistra.accel import accelerate_training, resolve_dtype
 from vistra.data import (
     DatasetSplit,
     MixupCutmix,
@@ -181,6 +181,7 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     # Convolution weights in channels-last: oneDNN runs convolutions NHWC natively and would
     # otherwise reorder every activation and gradient (benchmarks/fashion_mnist_ablations.md).
     model.to(ctx.device, memory_format=torch.channels_last)
+    accelerate_training(model)  # the CPU's fastest attention kernels; same weights and keys
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
     train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
     split.images.clear()  # the loaders' caches hold them now, in the model's mode
@@ -220,7 +221,7 @@ def _open_run_files(run: RunState, resumed: bool) -> None:
 
 def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
     """`cfg` with bf16 auto decided for this run's device: on where it computes bf16 natively
-    (vistra.accel.capabilities.resolve_dtype), rank 0's decision on every rank. true and false pass
+    (vistra.accel.resolve_dtype), rank 0's decision on every rank. true and false pass
     through, so a resumed run keeps the choice its checkpoint recorded."""
     if cfg.bf16 != "auto":
         return cfg

@@ -16,6 +16,7 @@ from vistra import create_model
 from vistra.cli import main
 from vistra.data import load_rgb
 from vistra.fileio import file_sha256
+from vistra.models import get_family
 from vistra.onnx import (
     export_onnx_bytes,
     foreign_ops,
@@ -118,6 +119,18 @@ def test_vit_and_swin_sizes_are_dynamic_and_recorded(exported):
     assert (swin.size_multiple, swin.min_size) == (1, 4 * 4 * 7 + 1)
     assert size_rule(exported("swin_b_w12_384")[0]) == (1, 4 * 1 * 12 + 1)  # stage 1 shifts
     assert size_rule(exported("swin_fmnist")[0]) == (1, 4 * 4 + 1)
+
+
+def test_a_family_without_a_size_rule_is_exported_at_its_own_size_only(monkeypatch):
+    """The default for a family that declares no export sizes: the graph's height and width
+    are fixed, so onnxruntime refuses other sizes instead of answering wrongly."""
+    monkeypatch.setattr(get_family("vit"), "export_size_rule", None)
+    graph, result = export_onnx_bytes(small_fmnist_vit())
+    assert (result.metadata.size_multiple, result.metadata.min_size) == (0, 28)
+    assert result.probe_size is None
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="(?i)invalid dimensions"):
+        session.run(None, {"image": torch.zeros(1, 1, 35, 35).numpy()})
 
 
 def read_meta(entry):

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     meta = result.metadata
     h, w = meta.data_config.img_size
     if meta.size_multiple == 0:
-        sizes = f"{h}x{w} only (fixed in the graph: it failed the test at a second size)"
+        why = ("it failed the test at a second size" if result.probe_size
+               else "the model family declares no rule for other sizes")
+        sizes = f"{h}x{w} only (fixed in the graph: {why})"
     else:
         sizes = (f"heights and widths >= {meta.min_size}, multiples of {meta.size_multiple} "
                  f"(tested at {h}x{w} and {result.probe_size[0]}x{result.probe_size[1]})")

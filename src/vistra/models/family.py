@@ -10,8 +10,9 @@ them, explain maps them and the weights loader names them, with no other module 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -61,7 +62,12 @@ class ModelFamily:
     transformers module, config, image side) -> transformers' model with the config's
     numbers, randomly initialised, or None where transformers has none. timm_names: variant
     name -> timm's "name.tag" of its default weights on the HuggingFace hub (a variant not
-    listed has none)."""
+    listed has none).
+
+    export_size_rule: model -> (multiple, minimum) of the image heights and widths a traced
+    ONNX graph of it computes right; None: the export size only (the graph's sides are
+    fixed). resizable: model -> a context in which the eager model takes those sizes too, so
+    that the graph can be checked against it."""
 
     name: str
     label: str
@@ -79,6 +85,8 @@ class ModelFamily:
     structure_facts: frozenset[str] = frozenset()
     hf_peer: Callable[[Any, Any, int], nn.Module | None] | None = None
     timm_names: Mapping[str, str] = field(default_factory=dict)
+    export_size_rule: Callable[[nn.Module], tuple[int, int]] | None = None
+    resizable: Callable[[nn.Module], AbstractContextManager] = nullcontext
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -134,14 +142,44 @@ def swin_token_stride(model: nn.Module) -> int:
     return model.cfg.patch_size
 
 
+def vit_export_size_rule(model: nn.Module) -> tuple[int, int]:
+    """Multiples of the patch (the R50 hybrid's total stride): the graph resamples the
+    position embeddings (and computes the hybrid's SAME padding) for the input."""
+    return model.patch_embed.reduction, model.patch_embed.reduction
+
+
+@contextmanager
+def vit_resizable(model: nn.Module) -> Iterator[None]:
+    """A ViT built for one size resamples its position embeddings per forward, as the graph."""
+    cfg = model.cfg
+    model.cfg = replace(cfg, dynamic_img_size=True)
+    try:
+        yield
+    finally:
+        model.cfg = cfg
+
+
+def swin_export_size_rule(model: nn.Module) -> tuple[int, int]:
+    """Any size (padding, window gathers and shift mask are computed in the graph), as long as
+    every stage that shifts its windows keeps a map larger than the window: below that,
+    eager Swin stops shifting, a decision the graph holds fixed."""
+    patch, smallest = model.cfg.patch_size, 1
+    for s, stage in enumerate(model.layers):
+        for block in stage.blocks:
+            if block.shift_size:
+                smallest = max(smallest, patch * 2**s * block.window_size + 1)
+    return 1, smallest
+
+
 register_family(ModelFamily(
     "vit", "ViT", ViTConfig, VisionTransformer, stages=vit_stages, cost=vit_cost,
     modelled_fields=_VIT_FIELDS, explain_methods=("grad-rollout", "rollout"),
     token_stride=vit_token_stride, weight_facts=vit_weight_facts,
-    structure_facts=VIT_STRUCTURE, hf_peer=vit_hf_peer, timm_names=VIT_TIMM_NAMES))
+    structure_facts=VIT_STRUCTURE, hf_peer=vit_hf_peer, timm_names=VIT_TIMM_NAMES,
+    export_size_rule=vit_export_size_rule, resizable=vit_resizable))
 register_family(ModelFamily(
     "swin", "Swin", SwinConfig, SwinTransformer, stages=swin_stages, cost=swin_cost,
     modelled_fields=_SWIN_FIELDS, flops_stage=stage_by_layer, windowed=True,
     explain_methods=("gradcam", "scorecam", "window"), token_stride=swin_token_stride,
     weight_facts=swin_weight_facts, structure_facts=SWIN_STRUCTURE, hf_peer=swin_hf_peer,
-    timm_names=SWIN_TIMM_NAMES))
+    timm_names=SWIN_TIMM_NAMES, export_size_rule=swin_export_size_rule))

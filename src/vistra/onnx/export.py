@@ -8,10 +8,12 @@ take paths whose sizes come from the input: ViT resamples its position embedding
 R50 hybrid computes its SAME padding) in the graph; Swin computes padding, window gathers
 and shift mask in the graph (the trap of timm#1844 and Swin-Transformer#314 is a graph that
 holds them as constants of one size).
-The batch is always dynamic. Every export is verified against eager PyTorch at the export
-size and at a second one; the sizes the graph computes right are recorded (`size_rule`),
-and should the second size fail, the graph's height and width are fixed instead, so
-onnxruntime refuses other sizes rather than answering wrongly.
+The batch is always dynamic. The sizes the graph computes right are the model family's rule
+(`ModelFamily.export_size_rule`: ViT and Swin declare theirs in vistra.models.family; a
+family without one is exported at its own size only) and are recorded in the file. Every
+export is verified against eager PyTorch at the export size and at a second size the rule
+allows; should that fail, the graph's height and width are fixed instead, so onnxruntime
+refuses other sizes rather than answering wrongly.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from vistra.fileio import atomic_write_bytes, file_sha256
-from vistra.models import SwinTransformer
+from vistra.models import get_family
 from vistra.onnx.metadata import OnnxMetadata, read_onnx_metadata
 from vistra.weights import load_checkpoint
 
@@ -61,17 +63,10 @@ def _trace(model: nn.Module, sample: torch.Tensor, opset: int) -> bytes:
 
 
 def _eager_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """Eager reference logits at any size (a ViT built for one size resamples, as the graph)."""
-    cfg = getattr(model, "cfg", None)
-    resizable = cfg is not None and hasattr(cfg, "dynamic_img_size")
-    if resizable:
-        model.cfg = dataclasses.replace(cfg, dynamic_img_size=True)
-    try:
-        with torch.no_grad():
-            return model(x).float().numpy()
-    finally:
-        if resizable:
-            model.cfg = cfg
+    """Eager reference logits at any size the family's rule allows (a ViT built for one size
+    resamples, as the graph does)."""
+    with get_family(model).resizable(model), torch.no_grad():
+        return model(x).float().numpy()
 
 
 def _max_error(session, model: nn.Module, x: torch.Tensor) -> float:
@@ -82,21 +77,11 @@ def _max_error(session, model: nn.Module, x: torch.Tensor) -> float:
 
 
 def size_rule(model: nn.Module) -> tuple[int, int]:
-    """(multiple, minimum) of the image heights and widths the traced graph computes right.
-
-    ViT: multiples of the patch (the position embeddings are resampled in the graph). Swin:
-    any size (padding, window gathers and shift mask are computed in the graph), as long as
-    every stage that shifts its windows keeps a map larger than the window: below that,
-    eager Swin stops shifting, a decision the graph holds fixed."""
-    if isinstance(model, SwinTransformer):
-        patch, smallest = model.cfg.patch_size, 1
-        for s, stage in enumerate(model.layers):
-            for block in stage.blocks:
-                if block.shift_size:
-                    smallest = max(smallest, patch * 2**s * block.window_size + 1)
-        return 1, smallest
-    reduction = model.patch_embed.reduction
-    return reduction, reduction
+    """(multiple, minimum) of the image heights and widths the traced graph computes right:
+    the model family's `export_size_rule`; (0, the export size's shorter side) for a family
+    that declares none, whose graph takes the export size only."""
+    rule = get_family(model).export_size_rule
+    return rule(model) if rule is not None else (0, min(model.data_config.img_size))
 
 
 def _probe_size(model: nn.Module, multiple: int) -> tuple[int, int]:
@@ -118,8 +103,8 @@ class ExportResult:
     path: Path
     metadata: OnnxMetadata
     max_error: float  # relative to the logits' scale, at the export size, batch 3
-    probe_size: tuple[int, int]  # the second size the graph was tested at
-    probe_error: float  # above tolerance (inf: did not run): the size was fixed instead
+    probe_size: tuple[int, int] | None  # the second size tested; None: the family has no rule
+    probe_error: float  # above tolerance (inf: did not run): the size was fixed; nan: no probe
 
 
 def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
@@ -150,14 +135,17 @@ def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
         raise ValueError(f"the exported graph of {model.name} differs from PyTorch by "
                          f"{error:.2e} (relative) at {h}x{w}; not writing it")
     multiple, smallest = size_rule(model)
-    probe = _probe_size(model, multiple)
-    try:
-        probe_error = _max_error(session, model, torch.randn(1, in_chans, *probe,
-                                                             generator=generator))
-    except Exception:  # noqa: BLE001 - onnxruntime raises its own types for shape errors
-        probe_error = float("inf")  # the graph cannot take another size
-    if not probe_error <= tolerance:  # a safety net: refuse other sizes rather than err
-        multiple, smallest = 0, min(h, w)
+    probe, probe_error = None, float("nan")
+    if multiple:
+        probe = _probe_size(model, multiple)
+        try:
+            probe_error = _max_error(session, model, torch.randn(1, in_chans, *probe,
+                                                                 generator=generator))
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own types for shape errors
+            probe_error = float("inf")  # the graph cannot take another size
+        if not probe_error <= tolerance:  # a safety net: refuse other sizes rather than err
+            multiple, smallest = 0, min(h, w)
+    if not multiple:
         _fix_image_size(proto, h, w)
     meta = OnnxMetadata(model.name, model.classes, model.data_config, in_chans, multiple,
                         smallest, source_sha256)

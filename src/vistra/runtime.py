@@ -101,19 +101,24 @@ def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Clas
                       dtype=runner.dtype)
 
 
-def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
-                    dtype: str = "fp32") -> Classifier:
-    """The classifier a file holds. backend auto: onnxruntime for an .onnx file, PyTorch
-    otherwise; onnx for a .safetensors exports it in memory first. dtype: fp32 (the default,
-    the same numbers on every machine), bf16, or auto: see resolve_dtype (the chosen one is
-    in `.dtype`)."""
+def resolve_backend(path: str | os.PathLike, backend: str = "auto") -> str:
+    """The backend that runs `path`: auto is onnx for an .onnx file, torch otherwise."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     is_onnx = Path(path).suffix.lower() == ".onnx"
-    if backend == "auto":
-        backend = "onnx" if is_onnx else "torch"
     if backend == "torch" and is_onnx:
         raise ValueError(f"{path} is an ONNX graph: run it with --backend onnx (or auto)")
+    if backend == "auto":
+        return "onnx" if is_onnx else "torch"
+    return backend
+
+
+def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
+                    dtype: str = "fp32") -> Classifier:
+    """The classifier a file holds. backend: see resolve_backend; onnx for a .safetensors
+    exports it in memory first. dtype: fp32 (the default, the same numbers on every
+    machine), bf16, or auto: see resolve_dtype (the chosen one is in `.dtype`)."""
+    backend = resolve_backend(path, backend)
     chosen = resolve_dtype(dtype, backend, device)
     if backend == "onnx":
         if torch.device(device).type != "cpu":

@@ -11,6 +11,7 @@ from vistra.analysis.plots import plot_confusion_matrix
 from vistra.cli.inference import add_runtime_options, report_dtype
 from vistra.evaluate import EvalReport, EvalTotals, evaluate_checkpoint
 from vistra.output import to_json
+from vistra.runtime import resolve_backend
 from vistra.train.distributed import all_reduce_sum, init_distributed, process_group
 
 
@@ -47,9 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
     with process_group(ctx):
-        backend = args.backend
-        if backend == "auto":
-            backend = "onnx" if Path(args.checkpoint).suffix.lower() == ".onnx" else "torch"
+        backend = resolve_backend(args.checkpoint, args.backend)
         dtype = resolve_dtype(args.dtype, backend, str(ctx.device))
         report, skipped = evaluate_checkpoint(
             args.checkpoint, args.data, holdout=args.holdout, flip=args.tta_flip,

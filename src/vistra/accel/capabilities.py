@@ -4,7 +4,7 @@ The flags come from /proc/cpuinfo (Linux; elsewhere none are known and every cho
 back to fp32 and the plain kernels). bf16 pays only where the CPU has bf16 arithmetic
 (AVX512_BF16 or AMX); elsewhere it is emulated and slower than fp32. AMX decides which bf16
 attention kernel is faster (vistra.accel.attention); VNNI, whether int8 GEMMs saturate
-(vistra.export's 7-bit weights).
+(vistra.onnx's 7-bit weights).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                         "an .onnx file, torch otherwise. onnx with a .safetensors exports it in "
                         "memory first (nothing is written)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="torch backend: fp32, or bf16 (the model cast once; about 2x faster "
+                   help="torch backend: fp32, or bf16 (the model cast once; faster "
                         "where the CPU has bf16 arithmetic, AVX512_BF16 or AMX; emulated and "
                         "slow elsewhere); auto (default) picks by the CPU and says which")
     p.epilog = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m vistra ...`) the inputs "

@@ -340,10 +340,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     (`channels` 3) or as the grey level (`channels` 1, Pillow's "L", for grey-level models).
 
     With `cache`, each image is decoded once and kept: for datasets that fit in memory, where
-    decoding would otherwise cost as much as the model (a 28x28 PNG takes ~0.3 ms to open and
-    decode). Each DataLoader worker process fills a cache of its own. It holds the images in
-    the mode the transform works in, so that conversion too is done once. `decoded` (the
-    scan's `DatasetSplit.images`) fills the cache from the start.
+    decoding a small PNG would otherwise cost as much as the model. Each DataLoader worker
+    process fills a cache of its own. It holds the images in the mode the transform works
+    in, so that conversion too is done once. `decoded` (the scan's `DatasetSplit.images`)
+    fills the cache from the start.
     """
 
     def __init__(

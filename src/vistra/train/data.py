@@ -68,7 +68,7 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
         # Only the CPU generator, saved and restored by hand: torch.manual_seed also queues
-        # a seed for every accelerator backend (~1 ms per image), and fork_rng costs 6x this.
+        # a seed for every accelerator backend, costly per image, and fork_rng more so.
         generator = torch.default_generator
         state = generator.get_state()
         generator.manual_seed(seed)

@@ -1,7 +1,7 @@
 """A model family is one model class and one registration: a toy family defined here, known to
 no vistra module, is listed and counted by `vistra models` and `vistra flops`, builds, trains
 with the right optimizer groups and head freezing, trains an epoch with `vistra.train`, saves
-and loads as a checkpoint, and is explained by the methods it declares."""
+and loads as a checkpoint, is explained by the methods it declares and exports to ONNX."""
 
 import json
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from vistra.models import (
     register_family,
 )
 from vistra.models.layers import to_2tuple
+from vistra.onnx import export_checkpoint, read_onnx_metadata
 from vistra.train import TrainConfig, train
 from vistra.train.params import freeze_all_but_head, param_groups
 from vistra.weights import load_checkpoint, save_checkpoint
@@ -220,3 +221,21 @@ def test_a_family_that_declares_no_methods_is_explained_by_the_input_gradient(to
     torch.testing.assert_close(e.map, (saliency - saliency.min()) / (saliency.max() -
                                                                      saliency.min()))
     assert vistra.explain(model, x[0].detach(), method="occlusion").map.shape == (32, 32)
+
+
+def test_exports_to_onnx_that_answers_as_pytorch_at_its_own_size(toy, tmp_path):
+    """No size rule declared: the graph takes the export size only, and says so."""
+    ort = pytest.importorskip("onnxruntime")
+    model = vistra.create_model(toy).eval()
+    model.classes = [f"class {i}" for i in range(7)]
+    save_checkpoint(model, tmp_path / "toy.safetensors")
+    result = export_checkpoint(tmp_path / "toy.safetensors", tmp_path / "toy.onnx")
+    meta = read_onnx_metadata(result.path)
+    assert (meta.name, meta.classes, meta.size_multiple) == (toy, model.classes, 0)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)
+    (logits,) = session.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(logits, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(Exception, match="[Dd]imension|[Ss]hape"):
+        session.run(None, {"image": torch.randn(1, 3, 40, 40).numpy()})

@@ -1,10 +1,11 @@
-"""bf16 on a CPU with bf16 arithmetic, side by side in one process: vistra's bf16 model (cast
-once) against vistra's own bf16 autocast path and HuggingFace transformers eager (autocast, and
-cast to bf16), Swin-T and ViT-B/16 inference at batch 16 and 1, with the kernels and
-fusions behind it; ViT-S/16 and Swin-T training steps under bf16 autocast against
-HuggingFace (images/s and peak memory); the Fashion-MNIST recipe models' training step in
-fp32 and bf16; and the accuracy of bf16 inference on Fashion-MNIST checkpoints. Prints the
-tables and writes benchmarks/bf16.md, with the targets met or missed.
+"""bf16 on a CPU with bf16 arithmetic, side by side in one process: vistra's bf16 model
+(`vistra.optimize(model, torch.bfloat16)`: cast once, modules accelerated) against vistra's
+plain model under bf16 autocast and HuggingFace transformers eager (autocast, and cast to bf16),
+Swin-T and ViT-B/16 inference at batch 16 and 1, with the kernels and fusions behind it;
+ViT-S/16 and Swin-T training steps under bf16 autocast against HuggingFace (images/s and peak
+memory); the Fashion-MNIST recipe models' training step in fp32 and bf16; and the accuracy of
+bf16 inference on Fashion-MNIST checkpoints. Prints the tables and writes benchmarks/bf16.md,
+with the targets met or missed.
 
     python benchmarks/bf16.py --fm-checkpoints runs/a/best.safetensors ... \\
         --fm-test data/fashion_mnist/test
@@ -25,16 +26,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
+import vistra
 from vistra.accel.capabilities import cpu_has_bf16
+from vistra.accel.kernels import fused_binary, fused_linear, pack_weight
 from vistra.analysis.benchmark import benchmark, gemm_step, malloc_heap_only
 from vistra.analysis.peers import hf_peer
 from vistra.data import ImageFolderDataset
 from vistra.evaluate import _labelled_samples
 from vistra.models import build_model
-from vistra.models.bf16 import to_bf16_inference
-from vistra.models.layers import PatchConv
 from vistra.runtime import load_classifier, mean_logits
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,7 +55,8 @@ def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]
     torch.manual_seed(0)
     model = build_model(name, **(TINY[name] if tiny else {})).eval()
     peer = hf_peer(name).eval() if not tiny else None
-    cast = to_bf16_inference(copy.deepcopy(model))
+    cast = vistra.optimize(copy.deepcopy(model), torch.bfloat16)  # as `vistra predict` runs it
+    optimized = vistra.optimize(copy.deepcopy(model))
     x = torch.randn(batch, 3, 224, 224)
     xb = x.bfloat16()
 
@@ -70,7 +73,7 @@ def inference_rows(name: str, batch: int, rounds: int, tiny: bool) -> list[dict]
         return step
 
     steps = {"vistra bf16 (cast once)": plain(cast, xb), "vistra bf16 autocast": autocast(model),
-             "vistra fp32": plain(model, x)}
+             "vistra fp32": plain(optimized, x)}
     if peer is not None:
         steps["HF eager, bf16 autocast"] = autocast(peer)
         steps["HF eager, cast to bf16"] = plain(copy.deepcopy(peer).to(torch.bfloat16), xb)
@@ -201,14 +204,13 @@ def attention_row(label: str, shape: tuple[int, int, int, int], dtype: torch.dty
 
 
 def linear_row(label: str, m: int, k: int, n: int, rounds: int) -> dict:
+    """nn.Linear in bf16 (F.linear) against vistra.optimize's FastLinear, which packs the
+    weight on its first call."""
     x = torch.randn(m, k, dtype=torch.bfloat16)
-    w, bias = torch.randn(n, k, dtype=torch.bfloat16), torch.randn(n, dtype=torch.bfloat16)
-    packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-    fused = torch.ops.mkldnn._linear_pointwise
+    layer = nn.Linear(k, n).eval().requires_grad_(False).to(torch.bfloat16)
+    fast = vistra.optimize(copy.deepcopy(layer), torch.bfloat16)
     with torch.inference_mode():
-        t = compare({"linear": lambda: F.linear(x, w, bias),
-                          "packed": lambda: fused(x, packed, bias, "none", [], "")},
-                         3 * rounds)
+        t = compare({"linear": lambda: layer(x), "packed": lambda: fast(x)}, 3 * rounds)
     flops = 2 * m * k * n
     return {"shape": label, "linear_gflops": flops / t["linear"] / 1e6,
             "packed_gflops": flops / t["packed"] / 1e6, "speedup": t["linear"] / t["packed"]}
@@ -220,10 +222,10 @@ FUSION_SHAPES = {  # Swin-T at batch 16: fc2's rows, hidden and output widths
 
 
 def fusion_rows(rounds: int, tiny: bool) -> list[dict]:
-    """The two fusions of the fast paths around the GEMMs, each against the unfused pair:
+    """The two fusions of vistra.optimize around the GEMMs, each against the unfused pair:
     Swin-T's 4x4 patch embedding as a convolution then the copy to channels-last, or as one
-    GEMM over the cut-out patches (vistra.models.layers.PatchConv); and fc2 then the
-    residual add, or fc2's GEMM adding the residual (oneDNN's binary post-op, `add_mlp`)."""
+    GEMM over the cut-out patches (vistra.accel's FastPatchConv); and fc2 then the residual
+    add, or fc2's GEMM adding the residual (oneDNN's binary post-op, FastMlp.residual)."""
     scale = 4 if tiny else 1
     rows = [patch_row(dtype, 16 // scale, rounds) for dtype in (torch.bfloat16, torch.float32)]
     return rows + [residual_row(label, m // scale, k, n, rounds)
@@ -231,28 +233,30 @@ def fusion_rows(rounds: int, tiny: bool) -> list[dict]:
 
 
 def patch_row(dtype: torch.dtype, batch: int, rounds: int) -> dict:
-    """Swin-T's patch embedding (`PatchConv`, packed in bf16 as a bf16 model packs it): the
-    convolution then the copy to channels-last, against its `tokens` fast path."""
+    """Swin-T's patch embedding: nn.Conv2d(3, 96, 4, 4) then the copy to channels-last,
+    against FastPatchConv (vistra.optimize of the conv: in bf16 its weight packed as a bf16
+    model's), whose [B, D, h, w] output is already a view of channels-last tokens."""
     torch.manual_seed(0)
-    conv = PatchConv(3, 96, 4, 4).eval().requires_grad_(False)
-    if dtype == torch.bfloat16:
-        to_bf16_inference(conv)
+    conv = nn.Conv2d(3, 96, 4, 4).eval().requires_grad_(False).to(dtype)
+    fast = vistra.optimize(copy.deepcopy(conv), dtype)
     image = torch.randn(batch, 3, 224, 224, dtype=dtype)
     with torch.inference_mode():
         t = compare({"plain": lambda: conv(image).permute(0, 2, 3, 1).contiguous(),
-                     "fused": lambda: conv.tokens(image)}, 3 * rounds)
+                     "fused": lambda: fast(image).permute(0, 2, 3, 1).contiguous()},
+                    3 * rounds)
     return {"op": "Swin-T patch embedding", "dtype": str(dtype).removeprefix("torch."),
             "plain_ms": t["plain"], "fused_ms": t["fused"], "speedup": t["plain"] / t["fused"]}
 
 
 def residual_row(label: str, m: int, k: int, n: int, rounds: int) -> dict:
-    fused = torch.ops.mkldnn._linear_pointwise
+    """fc2 (FastLinear's GEMM, packed weight) then the residual add, against the GEMM adding
+    the residual as FastMlp.residual does; vistra.accel.kernels' names for oneDNN's ops."""
     x, residual = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(m, n, dtype=torch.bfloat16)
-    weight = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k, dtype=torch.bfloat16), m)
+    weight = pack_weight(torch.randn(n, k, dtype=torch.bfloat16), m)
     bias = torch.randn(n, dtype=torch.bfloat16)
     with torch.inference_mode():
-        t = compare({"plain": lambda: fused(x, weight, bias, "none", [], "").add_(residual),
-                     "fused": lambda: fused.binary(x, residual, weight, bias, "add")}, 3 * rounds)
+        t = compare({"plain": lambda: fused_linear(x, weight, bias, "none", [], "").add_(residual),
+                     "fused": lambda: fused_binary(x, residual, weight, bias, "add")}, 3 * rounds)
     return {"op": label, "dtype": "bfloat16", "plain_ms": t["plain"], "fused_ms": t["fused"],
             "speedup": t["plain"] / t["fused"]}
 
@@ -364,8 +368,10 @@ def write_report(head: list[str], attention: list[dict], linear: list[dict],
              *table(fusions, FUSION_COLUMNS), "",
              "## Inference", "",
              "`vistra bf16 (cast once)` is what `vistra predict/eval --dtype bf16` (and `auto` "
-             "on such a CPU) runs: the model's weights cast to bf16 once "
-             "(`vistra.models.bf16.to_bf16_inference`). \"vs fastest rival\" divides by the "
+             "on such a CPU) runs: `vistra.optimize(model, torch.bfloat16)`, the weights cast "
+             "to bf16 once and the modules swapped for vistra.accel's; `vistra fp32` is "
+             "`vistra.optimize(model)`; `vistra bf16 autocast` is the plain model under "
+             "autocast. \"vs fastest rival\" divides by the "
              "faster of vistra's bf16 autocast path and HuggingFace eager under bf16 autocast. "
              "The drift is the largest logit difference from fp32, relative to the largest "
              "fp32 logit, on random weights and images.", "",

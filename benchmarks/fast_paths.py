@@ -1,33 +1,48 @@
-"""Each CPU optimisation of vistra's models against the plain code it replaced, timed side by
-side (interleaved rounds, medians), at Swin-T / ViT-B shapes and batch 16. The numbers in
-benchmarks/README.md come from this script.
+"""Each accelerated module of vistra.accel against the plain module it replaces, timed side by
+side (interleaved rounds, medians) at Swin-T / ViT-S shapes and batch 16. The accelerated one
+is `vistra.optimize(copy.deepcopy(plain))` (training: `accelerate_training` of a copy), so
+both hold the same weights. With them, the measurements behind choices in the plain models and
+in vistra.accel's kernel choice: SDPA's input rank, explicit attention, the shift mask, patch
+merging, fresh memory and in-place residual adds. The figures in benchmarks/README.md come from
+this script.
 
-    python benchmarks/fast_paths.py                 # everything, a few minutes
+    python benchmarks/fast_paths.py                  # everything, several minutes
     python benchmarks/fast_paths.py --only linear gather
-    python benchmarks/fast_paths.py --baseline /path/to/old/src/vistra/models
-        # also whole models: a copy of the models package from before the optimisations
+    python benchmarks/fast_paths.py --dtype bf16     # modules cast to bf16, as --dtype bf16 runs
+    python benchmarks/fast_paths.py --tiny           # batch 2, one round: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import copy
+import functools
 import statistics
-import sys
 import time
-from functools import partial
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import vistra
+from vistra.accel import accelerate_training, probe
+from vistra.accel.inference import ENABLED
 from vistra.analysis.benchmark import make_step
-from vistra.models import fastpath, swin
-from vistra.models.swin import window_order, window_partition, window_reverse
+from vistra.models.swin import shift_window_mask
 
-B, C, HW, M, HEADS = 16, 96, 56, 7, 3  # Swin-T's first stage at batch 16
+SWIN_T, VIT_S = "swin_tiny_patch4_window7_224", "vit_small_patch16_224"
+C, HW, M, HEADS = 96, 56, 7, 3  # Swin-T's first stage
 N, NW, D = M * M, (HW // M) ** 2, C // HEADS
+SHIFT = M // 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch: int
+    dtype: torch.dtype
+    rounds: int
 
 
 def compare(fns: dict, rounds: int) -> dict[str, float]:
@@ -43,254 +58,272 @@ def compare(fns: dict, rounds: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def window_qkv():
-    qkv = torch.randn(B, NW, N, 3, HEADS, D)
-    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # [B, nW, heads, N, d] views, as the model
+@functools.cache
+def plain_model(name: str) -> nn.Module:
+    """A randomly initialised model (seed 0) as create_model builds it, in eval mode."""
+    torch.manual_seed(0)
+    return vistra.create_model(name).eval().requires_grad_(False)
 
 
-def sdpa_rank(rounds: int) -> dict:
-    """SDPA's CPU flash kernel takes 4-D inputs with a 4-D mask; anything else runs math."""
-    q, k, v = window_qkv()
-    bias = torch.randn(HEADS, N, N)
-    q4, k4, v4 = (t.reshape(B * NW, HEADS, N, D) for t in (q, k, v))
-    return compare({
-        "5-D q/k/v (math fallback)": lambda: F.scaled_dot_product_attention(q, k, v, bias),
-        "4-D, 3-D bias (math fallback)": lambda: F.scaled_dot_product_attention(q4, k4, v4, bias),
-        "4-D, 4-D bias (flash)": lambda: F.scaled_dot_product_attention(q4, k4, v4, bias[None]),
-    }, rounds)
+def plain_and_optimized(module: nn.Module, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
+    """A plain copy of `module` cast to `dtype`, and vistra.optimize of another copy."""
+    plain = copy.deepcopy(module).eval().requires_grad_(False).to(dtype)
+    return plain, vistra.optimize(copy.deepcopy(module), dtype)
 
 
-def explicit_vs_flash(rounds: int) -> dict:
-    """Is an explicit matmul-softmax-matmul faster for small windows? (No.)"""
-    q, k, v = (t.reshape(B * NW, HEADS, N, D) for t in window_qkv())
-    bias = torch.randn(1, HEADS, N, N)
-    vq, vk, vv = torch.randn(3, B, 12, 197, 64).unbind(0)
+def side_by_side(module: nn.Module, s: Setting, label: str, *inputs: torch.Tensor,
+                 call: Callable = lambda m, *x: m(*x), rounds: int | None = None
+                 ) -> dict[str, float]:
+    """`call(module, *inputs)` for the plain module and its optimized copy, in inference."""
+    plain, fast = plain_and_optimized(module, s.dtype)
+    with torch.inference_mode():
+        return compare({f"{label}: plain": lambda: call(plain, *inputs),
+                        f"{label}: optimized": lambda: call(fast, *inputs)},
+                       rounds or s.rounds)
+
+
+def randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype)
+
+
+def swin_block(shifted: bool = True) -> nn.Module:
+    """A block of Swin-T's first stage: the second one shifts its windows."""
+    return plain_model(SWIN_T).layers[0].blocks[int(shifted)]
+
+
+def linear(s: Setting) -> dict:
+    """nn.Linear (addmm: the bias written first, then the GEMM) against FastLinear (oneDNN's
+    GEMM with the bias inside; in bf16 from a packed weight), Swin-T's linear shapes at the
+    batch. Summed over the shapes."""
+    shapes = [(3136, 96, 288), (3136, 96, 384), (3136, 384, 96), (784, 192, 576),
+              (196, 384, 1536), (196, 1536, 384), (49, 768, 2304)]  # tokens per image, in, out
+    totals: dict[str, float] = {}
+    for tokens, fan_in, fan_out in shapes:
+        torch.manual_seed(0)
+        times = side_by_side(nn.Linear(fan_in, fan_out), s, "sum over shapes",
+                             randn(s.batch * tokens, fan_in, dtype=s.dtype))
+        for name, ms in times.items():
+            totals[name] = totals.get(name, 0.0) + ms
+    return totals
+
+
+def mlp(s: Setting) -> dict:
+    """Mlp against FastMlp (fc1 and GELU in one oneDNN call) at Swin-T's stages 1 and 3; and
+    the block's second residual, `x + mlp(h)` into a fresh tensor, against FastMlp.residual
+    (fc2's GEMM adding x)."""
+    results = {}
+    for stage, (side, dim) in ((1, (56, 96)), (3, (14, 384))):
+        module = plain_model(SWIN_T).layers[stage - 1].blocks[0].mlp
+        x, h = (randn(s.batch, side, side, dim, dtype=s.dtype) for _ in range(2))
+        results.update(side_by_side(module, s, f"stage {stage} mlp(h)", h))
+        results.update(side_by_side(module, s, f"stage {stage} x + mlp(h)", x, h,
+                                    call=_residual))
+    return results
+
+
+def _residual(module: nn.Module, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return module.residual(x, h) if hasattr(module, "residual") else x + module(h)
+
+
+def patch(s: Setting) -> dict:
+    """The patch embedding, the convolution (and the copy to the token layout) against
+    FastPatchConv (one GEMM over the cut-out patches, tokens written channels-last):
+    Swin-T's 4x4 (with its LayerNorm) and ViT-S's 16x16 PatchEmbed modules."""
+    image = randn(s.batch, 3, 224, 224, dtype=s.dtype)
+    return {**side_by_side(plain_model(SWIN_T).patch_embed, s, "Swin-T 4x4", image),
+            **side_by_side(plain_model(VIT_S).patch_embed, s, "ViT-S 16x16", image)}
+
+
+def attention(s: Setting) -> dict:
+    """Attention against FastAttention (the relative-position bias gathered from its table
+    once, the kernel chosen for this CPU): Swin-T's first-stage window attention without and
+    with the shift mask, and ViT-S's over 197 tokens."""
+    windows = randn(s.batch, NW, N, C, dtype=s.dtype)
+    mask = shift_window_mask(HW, HW, M, SHIFT).to(s.dtype)
+    tokens = randn(s.batch, 197, 384, dtype=s.dtype)
+    return {**side_by_side(swin_block(False).attn, s, "Swin-T W-MSA", windows),
+            **side_by_side(swin_block(True).attn, s, "Swin-T SW-MSA", windows, mask),
+            **side_by_side(plain_model(VIT_S).blocks[0].attn, s, "ViT-S", tokens)}
+
+
+def gather(s: Setting) -> dict:
+    """A shifted Swin-T block's window attention: SwinBlock.shifted_window_attention (roll,
+    partition, attend, reverse, roll back) with plain or accelerated attention, against the
+    optimized block's `mix` (one gather in and one out, indices and mask kept per size)."""
+    block = swin_block(True)
+    plain, fast = plain_and_optimized(block, s.dtype)
+    rolled = copy.deepcopy(plain)
+    vistra.optimize(rolled.attn, s.dtype)
+    x = randn(s.batch, HW, HW, C, dtype=s.dtype)
+    with torch.inference_mode():
+        return compare({"roll + plain attention": lambda: plain.shifted_window_attention(x),
+                        "roll + FastAttention": lambda: rolled.shifted_window_attention(x),
+                        "gathers + FastAttention (optimized)": lambda: fast.mix(x)}, s.rounds)
+
+
+def block(s: Setting) -> dict:
+    """Whole blocks, SwinBlock / Block against FastSwinBlock / FastBlock with every module
+    inside accelerated (residual adds in place or inside fc2's GEMM): Swin-T's shifted
+    first-stage block and a ViT-S block."""
+    return {**side_by_side(swin_block(True), s, "Swin-T block",
+                           randn(s.batch, HW, HW, C, dtype=s.dtype)),
+            **side_by_side(plain_model(VIT_S).blocks[0], s, "ViT-S block",
+                           randn(s.batch, 197, 384, dtype=s.dtype))}
+
+
+def models(s: Setting) -> dict:
+    """Whole Swin-T and ViT-S/16 inference at the batch and at 1: `create_model(...).eval()`
+    against `vistra.optimize` of a copy (what `vistra predict` runs)."""
+    results = {}
+    for name, short in ((SWIN_T, "Swin-T"), (VIT_S, "ViT-S")):
+        for batch in dict.fromkeys((s.batch, 1)):
+            image = randn(batch, 3, 224, 224, dtype=s.dtype)
+            results.update(side_by_side(plain_model(name), s, f"{short} batch {batch}", image,
+                                        rounds=s.rounds if batch > 1 else 5 * s.rounds))
+    return results
+
+
+def training(s: Setting) -> dict:
+    """Training steps (forward, backward, fused AdamW; bf16 under autocast) of Swin-T and
+    ViT-S/16 at half the batch: the plain model against `accelerate_training` of a copy
+    (TrainingAttention: the kernel for this CPU, one-buffer backward of q, k, v)."""
+    results = {}
+    batch = max(1, s.batch // 2)
+    for name, short in ((SWIN_T, "Swin-T"), (VIT_S, "ViT-S")):
+        torch.manual_seed(0)
+        plain = vistra.create_model(name)
+        fast = accelerate_training(copy.deepcopy(plain))
+        image = torch.randn(batch, 3, 224, 224)
+        dtype = "bf16" if s.dtype == torch.bfloat16 else "fp32"
+        results.update(compare({
+            f"{short} batch {batch}: plain": make_step(plain, image, "train", dtype),
+            f"{short} batch {batch}: accelerate_training": make_step(fast, image, "train",
+                                                                     dtype)},
+            max(1, s.rounds // 2)))
+    return results
+
+
+def window_qkv(s: Setting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, nW, heads, N, d], strided views of one qkv tensor, as the model makes them."""
+    qkv = randn(s.batch, NW, N, 3, HEADS, D, dtype=s.dtype)
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def sdpa_rank(s: Setting) -> dict:
+    """SDPA's CPU flash kernel takes 4-D inputs with a 4-D mask; anything else runs math
+    (why vistra.models.layers.attention folds windows into the batch)."""
+    q, k, v = window_qkv(s)
+    bias = randn(HEADS, N, N, dtype=s.dtype)
+    q4, k4, v4 = (t.reshape(-1, HEADS, N, D) for t in (q, k, v))
+    with torch.inference_mode():
+        return compare({
+            "5-D q/k/v (math fallback)": lambda: F.scaled_dot_product_attention(q, k, v, bias),
+            "4-D, 3-D bias (math fallback)": lambda: F.scaled_dot_product_attention(
+                q4, k4, v4, bias),
+            "4-D, 4-D bias (flash)": lambda: F.scaled_dot_product_attention(
+                q4, k4, v4, bias[None]),
+        }, s.rounds)
+
+
+def explicit_vs_flash(s: Setting) -> dict:
+    """Explicit matmul-softmax-matmul against SDPA's flash kernel, at Swin's 49-token windows
+    and ViT-B's 197 tokens (the choice vistra.accel.attention makes per CPU and dtype)."""
+    q, k, v = (t.reshape(-1, HEADS, N, D) for t in window_qkv(s))
+    bias = randn(1, HEADS, N, N, dtype=s.dtype)
+    vq, vk, vv = randn(3, s.batch, 12, 197, 64, dtype=s.dtype).unbind(0)
 
     def explicit(q, k, v, bias):
-        logits = (q * D**-0.5) @ k.transpose(-2, -1)
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         return (logits + bias if bias is not None else logits).softmax(-1) @ v
-    return compare({
-        "Swin 49 tokens: flash": lambda: F.scaled_dot_product_attention(q, k, v, bias),
-        "Swin 49 tokens: explicit": lambda: explicit(q, k, v, bias),
-        "ViT-B 197 tokens: flash": lambda: F.scaled_dot_product_attention(vq, vk, vv),
-        "ViT-B 197 tokens: explicit": lambda: explicit(vq, vk, vv, None),
-    }, rounds)
+    with torch.inference_mode():
+        return compare({
+            "Swin 49 tokens: flash": lambda: F.scaled_dot_product_attention(q, k, v, bias),
+            "Swin 49 tokens: explicit": lambda: explicit(q, k, v, bias),
+            "ViT-B 197 tokens: flash": lambda: F.scaled_dot_product_attention(vq, vk, vv),
+            "ViT-B 197 tokens: explicit": lambda: explicit(vq, vk, vv, None),
+        }, s.rounds)
 
 
-def shift_mask(rounds: int) -> dict:
+def shift_mask(s: Setting) -> dict:
     """SW-MSA's bias differs per window, so folding windows into the batch copies it per
     image: what that costs against a bias broadcast over the batch (as W-MSA's)."""
-    q, k, v = (t.reshape(B * NW, HEADS, N, D) for t in window_qkv())
-    per_window = torch.randn(NW, HEADS, N, N)
-    return compare({
-        "bias copied per image [B*nW, h, N, N]": lambda: F.scaled_dot_product_attention(
-            q, k, v, per_window.expand(B, -1, -1, -1, -1).reshape(B * NW, HEADS, N, N)),
-        "bias broadcast [1, h, N, N]": lambda: F.scaled_dot_product_attention(
-            q, k, v, per_window[:1]),
-    }, rounds)
+    q, k, v = (t.reshape(-1, HEADS, N, D) for t in window_qkv(s))
+    per_window = randn(NW, HEADS, N, N, dtype=s.dtype)
+    with torch.inference_mode():
+        return compare({
+            "bias copied per image [B*nW, h, N, N]": lambda: F.scaled_dot_product_attention(
+                q, k, v, per_window.expand(s.batch, -1, -1, -1, -1).reshape(-1, HEADS, N, N)),
+            "bias broadcast [1, h, N, N]": lambda: F.scaled_dot_product_attention(
+                q, k, v, per_window[:1]),
+        }, s.rounds)
 
 
-def gather(rounds: int) -> dict:
-    """Cyclic shift + window partition (and back) as torch.roll + permute copies, or as one
-    index_select each way."""
-    x = torch.randn(B, HW, HW, C)
-    s = M // 2
-    order, restore = window_order(HW, HW, M, s)
-    windows = window_partition(x, M)
-    return compare({
-        "roll + partition": lambda: window_partition(torch.roll(x, (-s, -s), (1, 2)), M),
-        "one gather in": lambda: x.reshape(B, -1, C).index_select(1, order),
-        "reverse + roll back": lambda: torch.roll(window_reverse(windows, M, HW, HW), (s, s),
-                                                  (1, 2)),
-        "one gather out": lambda: windows.reshape(B, -1, C).index_select(1, restore),
-    }, rounds)
-
-
-def merging(rounds: int) -> dict:
-    """Patch merging's four sub-grids in the paper's order, concatenated or as one copy."""
-    x = torch.randn(B, HW, HW, C)
+def merging(s: Setting) -> dict:
+    """Patch merging's four sub-grids in the paper's order, concatenated or as one copy (the
+    latter is what PatchMerging does)."""
+    x = randn(s.batch, HW, HW, C, dtype=s.dtype)
     h = HW // 2
     return compare({
         "cat of 4 strided sub-grids": lambda: torch.cat(
             [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1),
-        "view + permute, one copy": lambda: x.view(B, h, 2, h, 2, C).permute(
-            0, 1, 3, 4, 2, 5).reshape(B, h, h, 4 * C),
-    }, rounds)
+        "view + permute, one copy": lambda: x.view(s.batch, h, 2, h, 2, C).permute(
+            0, 1, 3, 4, 2, 5).reshape(s.batch, h, h, 4 * C),
+    }, s.rounds)
 
 
-def _linear_variants(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, tag: str) -> dict:
-    fused = torch.ops.mkldnn._linear_pointwise
-    return {f"{tag} F.linear": lambda: F.linear(x, w, b),
-            f"{tag} fused linear": lambda: fused(x, w, b, "none", [], ""),
-            f"{tag} F.linear + GELU": lambda: F.gelu(F.linear(x, w, b)),
-            f"{tag} fused linear + GELU": lambda: fused(x, w, b, "gelu", [], "none")}
-
-
-def linear(rounds: int) -> dict:
-    """Swin-T's linear layers at batch 16: addmm (bias written first) against oneDNN's linear
-    with the bias, and GELU, inside the GEMM. Summed over the layer shapes."""
-    shapes = [(50176, 96, 288), (50176, 96, 384), (50176, 384, 96), (12544, 192, 576),
-              (3136, 384, 1536), (3136, 1536, 384), (784, 768, 2304)]
-    totals: dict[str, float] = {}
-    for dtype, tag in [(torch.float32, "fp32"), (torch.bfloat16, "bf16")]:
-        for T, K, Nout in shapes:
-            x, w = torch.randn(T, K, dtype=dtype), torch.randn(Nout, K, dtype=dtype)
-            with torch.inference_mode():
-                times = compare(_linear_variants(x, w, torch.randn(Nout, dtype=dtype), tag),
-                                rounds)
-            for name, ms in times.items():
-                totals[name] = totals.get(name, 0.0) + ms
-    return totals
-
-
-def fresh_memory(rounds: int) -> dict:
-    """Why in-place residuals pay: writing a fresh 77 MB tensor costs page faults."""
-    src = torch.randn(B * HW * HW, 4 * C)
+def fresh_memory(s: Setting) -> dict:
+    """Why in-place residuals pay: writing a fresh tensor (77 MB in fp32 at batch 16) costs
+    page faults."""
+    src = randn(s.batch * HW * HW, 4 * C, dtype=s.dtype)
     out = torch.empty_like(src)
     return compare({"copy into a fresh tensor": lambda: src.clone(),
-                    "copy into an existing one": lambda: out.copy_(src)}, rounds)
+                    "copy into an existing one": lambda: out.copy_(src)}, s.rounds)
 
 
-def _swin_infer(batch: int = B):
-    torch.manual_seed(0)
-    model = vistra.create_model("swin_tiny_patch4_window7_224").eval()
-    return model, make_step(model, torch.randn(batch, 3, 224, 224), "infer", "fp32")
-
-
-def _swap(module, name: str, variants: dict, step) -> dict:
-    """Callables that run `step` with module.<name> set to each variant (the caller puts the
-    shipped one back)."""
-    def with_(value):
-        def run():
-            setattr(module, name, value)
-            step()
-        return run
-    return {label: with_(value) for label, value in variants.items()}
-
-
-def residual(rounds: int) -> dict:
-    """A residual add at each Swin-T stage's size (batch 16): `x + branch` into a fresh
-    tensor, or written into the branch's own (the model's add_residual in inference). Whole
-    models are too noisy on a shared machine to resolve the difference."""
+def residual(s: Setting) -> dict:
+    """A residual add at each Swin-T stage's size: `x + branch` into a fresh tensor, or written
+    into the branch's own (FastBlock's first residual)."""
     results = {}
     for stage, (side, dim) in enumerate([(56, 96), (28, 192), (14, 384), (7, 768)], 1):
-        x, branch = torch.randn(B, side, side, dim), torch.randn(B, side, side, dim)
+        x, branch = (randn(s.batch, side, side, dim, dtype=s.dtype) for _ in range(2))
         with torch.inference_mode():
-            results.update(compare({f"stage {stage}: x + branch": partial(torch.add, x, branch),
-                                    f"stage {stage}: in place": partial(branch.add_, x)},
-                                   4 * rounds))
+            results.update(compare({
+                f"stage {stage}: x + branch": functools.partial(torch.add, x, branch),
+                f"stage {stage}: in place": functools.partial(branch.add_, x)}, 4 * s.rounds))
     return results
 
 
-def bias_cache(rounds: int) -> dict:
-    """Whole Swin-T inference at batch 16 and 1: the relative-position bias cached while the
-    table holds the same values, or gathered from the table in every forward."""
-    shipped = swin.WindowAttention._bias
-    gathered = lambda self, dtype: self.relative_position_bias().to(dtype)  # noqa: E731
-    results = {}
-    try:
-        for batch in (B, 1):
-            _, step = _swin_infer(batch)
-            variants = {f"batch {batch}: cached (shipped)": shipped,
-                        f"batch {batch}: gathered every forward": gathered}
-            results.update(compare(_swap(swin.WindowAttention, "_bias", variants, step),
-                                   rounds if batch == B else 5 * rounds))
-    finally:
-        swin.WindowAttention._bias = shipped
-    return results
-
-
-def switch(rounds: int) -> dict:
-    """Whole Swin-T and ViT-S/16 inference at batch 16 and 1: every fast path on, or all off
-    (vistra.models.fastpath, the plain path that export and analysis see)."""
-    shipped = fastpath.enabled()
-    results = {}
-    try:
-        for name, short in (("swin_tiny_patch4_window7_224", "Swin-T"),
-                            ("vit_small_patch16_224", "ViT-S")):
-            torch.manual_seed(0)
-            model = vistra.create_model(name)
-            for batch in (B, 1):
-                step = make_step(model, torch.randn(batch, 3, 224, 224), "infer", "fp32")
-                variants = {f"{short} batch {batch}: fast paths on": True,
-                            f"{short} batch {batch}: off": False}
-                results.update(compare(_swap(fastpath, "_enabled", variants, step),
-                                       rounds if batch == B else 5 * rounds))
-    finally:
-        fastpath.set_enabled(shipped)
-    return results
-
-
-def training_attention(rounds: int) -> dict:
-    """Swin-T training step (batch 8): explicit attention when the bias needs a gradient,
-    against SDPA with windows folded into the batch (math fallback, bias copied per image)."""
-    from vistra.models import layers
-
-    torch.manual_seed(0)
-    model = vistra.create_model("swin_tiny_patch4_window7_224")
-    step = make_step(model, torch.randn(8, 3, 224, 224), "train", "fp32")
-    shipped = swin.attention
-
-    def folded(q, k, v, *, bias=None, scale, dropout_p=0.0, need_weights=False):
-        return layers._fused_attention(q, k, v, bias, scale, dropout_p), None
-    try:
-        return compare(_swap(swin, "attention", {"explicit (shipped)": shipped,
-                                                 "SDPA, windows folded": folded}, step),
-                       max(1, rounds // 2))
-    finally:
-        swin.attention = shipped
-
-
-def baseline_models(path: Path):
-    """Import a copy of the models package (e.g. from git history) as `baseline_models`."""
-    spec = importlib.util.spec_from_file_location(
-        "baseline_models", path / "__init__.py", submodule_search_locations=[str(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["baseline_models"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def whole_models(rounds: int, baseline: Path) -> dict:
-    """Inference at batch 16, fp32: the models package before the optimisations and now."""
-    old = baseline_models(baseline)
-    results = {}
-    for name in ("swin_tiny_patch4_window7_224", "vit_small_patch16_224"):
-        torch.manual_seed(0)
-        new = vistra.create_model(name).eval()
-        before = old.build_model(name).eval()
-        before.load_state_dict(new.state_dict())
-        x = torch.randn(B, 3, 224, 224)
-        times = compare({f"{name} before": make_step(before, x, "infer", "fp32"),
-                         f"{name} now": make_step(new, x, "infer", "fp32")}, rounds)
-        results.update(times)
-    return results
-
-
-EXPERIMENTS = {"sdpa": sdpa_rank, "explicit": explicit_vs_flash, "mask": shift_mask,
-               "gather": gather, "merging": merging, "linear": linear, "memory": fresh_memory,
-               "residual": residual, "bias": bias_cache, "switch": switch,
-               "training": training_attention}
+EXPERIMENTS = {"linear": linear, "mlp": mlp, "patch": patch, "attention": attention,
+               "gather": gather, "block": block, "models": models, "training": training,
+               "sdpa": sdpa_rank, "explicit": explicit_vs_flash, "mask": shift_mask,
+               "merging": merging, "memory": fresh_memory, "residual": residual}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), default=None)
+    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), default=None)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="directory of the models package before the optimisations")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--tiny", action="store_true",
+                        help="batch 2 and one round: a check that the script runs")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds, median ms")
+    if args.tiny:
+        args.batch, args.rounds = 2, 1
+    s = Setting(args.batch, torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                args.rounds)
+    cpu = probe()
+    print(f"{cpu.cpu_model or 'unknown CPU'} (bf16 arithmetic: {'yes' if cpu.bf16 else 'no'}, "
+          f"AMX: {'yes' if cpu.amx else 'no'}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.dtype}, batch {s.batch}, {s.rounds} rounds, "
+          "median ms")
+    if not ENABLED:
+        print("VISTRA_OPTIMIZE=0: the optimized modules are the plain ones")
     for name in args.only or EXPERIMENTS:
-        print(f"\n{name}: {' '.join(EXPERIMENTS[name].__doc__.split())}")
-        for label, ms in EXPERIMENTS[name](args.rounds).items():
-            print(f"  {label:<40} {ms:9.1f}")
-    if args.baseline:
-        print("\nwhole models, inference batch 16 fp32")
-        for label, ms in whole_models(args.rounds, args.baseline).items():
-            print(f"  {label:<40} {ms:9.1f}")
+        print(f"\n{name}: {' '.join(EXPERIMENTS[name].__doc__.split())}", flush=True)
+        for label, ms in EXPERIMENTS[name](s).items():
+            print(f"  {label:<46} {ms:9.2f}", flush=True)
 
 
 if __name__ == "__main__":

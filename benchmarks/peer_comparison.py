@@ -1,7 +1,9 @@
 """vistra against HuggingFace transformers on this CPU: ViT-B/16, ViT-S/16 and Swin-T at batch
 1 and 16, fp32 and bf16, inference and training steps (forward + backward + AdamW). Each
 configuration runs both libraries in one process, interleaved round by round with a GEMM
-that gives the same run's peak (vistra.analysis.benchmark). Writes benchmarks/results.md.
+that gives the same run's peak (vistra.analysis.benchmark); vistra runs as its commands run it
+(inference: `vistra.optimize(model)`; training: `vistra.accel.accelerate_training(model)`).
+Writes benchmarks/results.md.
 
     python benchmarks/peer_comparison.py             # the full set, ~15-20 min on 2 cores
     python benchmarks/peer_comparison.py --quick     # Swin-T and ViT-S, batch 16, fp32 infer
@@ -83,6 +85,8 @@ def render(reports: list[Report], command: str, malloc_heap: bool) -> str:
         f"{'yes' if cpu_has_bf16() else 'no, so bf16 GEMMs are emulated and slower than fp32'}. "
         f"Allocator: {ALLOCATOR[malloc_heap]}.",
         "", "Both libraries run the same architecture, randomly initialised, in one process; "
+        "vistra as `vistra benchmark` runs it: inference on `vistra.optimize(model)` (bf16: "
+        "under bf16 autocast), training on `vistra.accel.accelerate_training(model)`; "
         "each round times one GEMM (the peak), one vistra step and one transformers step, and "
         "the figures are medians over rounds after a warm-up step. img/s = batch / median step "
         "time. % of peak = achieved GFLOP/s over the same run's torch.mm peak in that dtype. "

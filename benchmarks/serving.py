@@ -5,8 +5,9 @@
         --memory-requests 50 --output /tmp/serving.md   # a quick check of the script
 
 For each model (random weights, 1000 classes, saved as a vistra checkpoint):
-1. Direct: the model called in a loop at batch 1 (the bare forward), and the whole path a
-   request takes without HTTP (decode the JPEG, transform, forward).
+1. Direct: the model as `vistra serve` loads it (load_classifier, so `vistra.optimize`d)
+   called in a loop at batch 1 (the bare forward), and the whole path a request takes
+   without HTTP (decode the JPEG, transform, forward).
 2. Served: `vistra serve MODEL --threads T` in a process of its own, with batching
    (--max-batch 16) and without (--max-batch 1); 1, 4, 8, 16 clients each send `--requests`
    JPEGs as raw bodies, one after another. Latency per request (p50/p95/p99) as the client

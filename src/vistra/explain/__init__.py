@@ -15,12 +15,15 @@ Methods: each model family declares those that apply to it, its default first (i
 `explain_methods`, models/family.py): `rollout` and `grad-rollout` (the default) for ViT /
 DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin; `gradient` and
 `occlusion` work on any model, and are the methods of a family that declares none. Each runs
-the model's normal forward with its fast paths on; attention weights are recorded only for
-the duration of the call.
+the model's own forward (the plain model; an optimized one takes its plain path while
+gradients or recorded attention weights are asked for); attention weights are recorded only
+for the duration of the call. A new method is its module and its entry in METHODS (and, if
+it suits some families only, their `explain_methods`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +39,43 @@ from .generic import gradient, occlusion, token_stride
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
 
-METHODS: tuple[str, ...] = ("rollout", "grad-rollout", "gradcam", "scorecam", "window",
-                             "occlusion", "gradient")
+
+@dataclass(frozen=True)
+class Options:
+    """What some methods read beyond the batch and the target: see explain_batch."""
+
+    block: int | None = None
+    query: tuple[float, float] = (0.5, 0.5)
+    stage: int | None = None
+    layer: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """run(model, x, target, options) -> (map over tokens [B, h, w], logits, pixels per
+    token); `upsample`: how that map grows to the image ("nearest" keeps squares visible)."""
+
+    run: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, Options],
+                  tuple[torch.Tensor, torch.Tensor, int]]
+    upsample: str = "bilinear"
+
+
+def _with_token_stride(maps_and_logits, model, x) -> tuple[torch.Tensor, torch.Tensor, int]:
+    grid, logits = maps_and_logits
+    return grid, logits, token_stride(model, x)
+
+
+METHOD_TABLE: dict[str, Method] = {
+    "rollout": Method(lambda m, x, t, o: _with_token_stride(rollout(m, x), m, x)),
+    "grad-rollout": Method(lambda m, x, t, o: _with_token_stride(grad_rollout(m, x, t), m, x)),
+    "gradcam": Method(lambda m, x, t, o: gradcam(m, x, t, o.stage, layer=o.layer)),
+    "scorecam": Method(lambda m, x, t, o: scorecam(m, x, t, o.stage, layer=o.layer)),
+    "window": Method(lambda m, x, t, o: window_attention(m, x, o.block, o.query), "nearest"),
+    "occlusion": Method(lambda m, x, t, o: _with_token_stride(
+        occlusion(m, x, t, token_stride(m, x)), m, x)),
+    "gradient": Method(lambda m, x, t, o: (*gradient(m, x, t), 1), "nearest"),
+}
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 
 __all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
            "methods_for", "overlay"]
@@ -110,29 +148,14 @@ def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
         target = target.to(device)
     was_training = model.training
     model.eval()
+    chosen = METHOD_TABLE[method]
     try:
-        if method == "rollout":
-            grid, logits = rollout(model, x)
-            stride, mode = token_stride(model, x), "bilinear"
-        elif method == "grad-rollout":
-            grid, logits = grad_rollout(model, x, target)
-            stride, mode = token_stride(model, x), "bilinear"
-        elif method in ("gradcam", "scorecam"):
-            cam = gradcam if method == "gradcam" else scorecam
-            grid, logits, stride = cam(model, x, target, stage, layer=layer)
-            mode = "bilinear"
-        elif method == "window":  # keep the tokens' squares visible
-            grid, logits, stride = window_attention(model, x, block, query)
-            mode = "nearest"
-        elif method == "occlusion":
-            stride, mode = token_stride(model, x), "bilinear"
-            grid, logits = occlusion(model, x, target, stride)
-        else:  # gradient: already a map over the input's pixels
-            (grid, logits), stride, mode = gradient(model, x, target), 1, "nearest"
+        grid, logits, stride = chosen.run(model, x, target, Options(block, query, stage, layer))
     finally:
         model.train(was_training)
     h, w = grid.shape[-2:]
-    up = F.interpolate(grid[:, None].float(), size=(h * stride, w * stride), mode=mode)
+    up = F.interpolate(grid[:, None].float(), size=(h * stride, w * stride),
+                       mode=chosen.upsample)
     return _normalise(up[:, 0, :x.shape[-2], :x.shape[-1]]).cpu(), logits.float().cpu()
 
 

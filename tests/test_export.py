@@ -14,7 +14,7 @@ import torch
 import vistra
 from vistra import create_model
 from vistra.cli import main
-from vistra.data import load_rgb
+from vistra.data import find_images, load_rgb
 from vistra.fileio import file_sha256
 from vistra.models import get_family
 from vistra.onnx import (
@@ -24,7 +24,7 @@ from vistra.onnx import (
     read_onnx_metadata,
     size_rule,
 )
-from vistra.predict import find_images, predict_images
+from vistra.predict import predict_images
 from vistra.runtime import load_classifier, module_classifier
 from vistra.weights import save_checkpoint
 

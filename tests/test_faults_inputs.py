@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 from test_evaluate import constant_checkpoint
 
 from vistra.cli import main
-from vistra.data import build_eval_transform, scan_image_folder
-from vistra.predict import find_images
+from vistra.data import build_eval_transform, find_images, scan_image_folder
 
 GiB = 1 << 30
 

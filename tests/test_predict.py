@@ -13,10 +13,10 @@ from PIL import Image
 from test_evaluate import constant_checkpoint
 
 from vistra import create_model
+from vistra.data import find_images
 from vistra.predict import (
     Prediction,
     annotate,
-    find_images,
     format_predictions,
     predict_images,
 )

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from vistra.data import ImageLoadError, is_image_file, list_files, load_rgb
+from vistra.data import ImageLoadError, load_rgb
 from vistra.fileio import atomic_write
 
 from .evaluate import predict_log_probs
@@ -39,28 +39,6 @@ ANNOTATED_SUFFIX = ".vistra.png"  # annotated copies: photo.jpg -> photo.vistra.
 class Prediction:
     path: Path
     topk: list[tuple[str, float]]  # (class name, probability), most likely first
-
-
-def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand folders (recursively, image file types only, sorted); keep files as given.
-
-    Folders are listed as training lists them (vistra.data.list_files): links followed, each
-    real file once. Returns the images and (path, reason) for inputs that do not exist or
-    hold no images.
-    """
-    images, missing = [], []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            listed, duplicates = list_files([item])
-            found = [p for p in listed[item] if p not in duplicates and is_image_file(p)]
-            if not found:
-                missing.append((item, "folder holds no image files"))
-            images += found
-        elif item.is_file():
-            images.append(item)
-        else:
-            missing.append((item, "no such file or folder"))
-    return images, missing
 
 
 def _image_loader(classifier: Classifier) -> Callable[[Path], torch.Tensor]:

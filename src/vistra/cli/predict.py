@@ -8,7 +8,8 @@ import sys
 import torch.distributed as dist
 
 from vistra.cli.inference import add_runtime_options, report_dtype
-from vistra.predict import FORMATS, annotate_all, find_images, format_predictions, iter_predictions
+from vistra.data import find_images
+from vistra.predict import FORMATS, annotate_all, format_predictions, iter_predictions
 from vistra.runtime import load_classifier
 from vistra.train.distributed import init_distributed, process_group
 

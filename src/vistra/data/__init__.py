@@ -2,7 +2,8 @@
 
 `scan_image_folder` finds classes and splits a folder, `ImageFolderDataset` with
 `build_train_transform` / `build_eval_transform` turns the samples into tensors
-(`eval_transform(model)`: the one a model's data config prescribes), and
+(`eval_transform(model)`: the one a model's data config prescribes), `find_images`
+lists the images of files and folders given to predict or explain, and
 `export_fashion_mnist` / `bundled_demo_dir` provide a real dataset to try it all on.
 """
 
@@ -18,6 +19,7 @@ from vistra.data.folder import (
     DatasetSplit,
     ImageFolderDataset,
     class_counts,
+    find_images,
     format_class_counts,
     list_files,
     plot_class_counts,
@@ -67,6 +69,7 @@ __all__ = [
     "eval_transform",
     "eval_transform_for",
     "export_fashion_mnist",
+    "find_images",
     "fit_channels",
     "format_class_counts",
     "is_image_file",

@@ -16,7 +16,7 @@ import itertools
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +168,28 @@ def list_files(folders: Sequence[Path]) -> tuple[dict[Path, list[Path]], dict[Pa
     duplicates = {path: kept[file_id][1] for walk in walks.values()
                   for _, path, file_id in walk if path != kept[file_id][1]}
     return files, duplicates
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand folders (recursively, image file types only, sorted); keep files as given.
+
+    Folders are listed as training lists them (`list_files`): links followed, each real
+    file once. Returns the images and (path, reason) for inputs that do not exist or hold no
+    images. Used by prediction, explain and the command line alike.
+    """
+    images, missing = [], []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            listed, duplicates = list_files([item])
+            found = [p for p in listed[item] if p not in duplicates and is_image_file(p)]
+            if not found:
+                missing.append((item, "folder holds no image files"))
+            images += found
+        elif item.is_file():
+            images.append(item)
+        else:
+            missing.append((item, "no such file or folder"))
+    return images, missing
 
 
 def _walk(folder: Path) -> list[tuple[int, Path, FileId]]:

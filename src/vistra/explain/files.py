@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistra.data import ImageLoadError, eval_transform, load_rgb
+from vistra.data import ImageLoadError, eval_transform, find_images, load_rgb
 from vistra.fileio import atomic_write_bytes, atomic_write_text
 from vistra.output import to_json
-from vistra.predict import find_images
 
 from . import explain, overlay
 from .faithfulness import evaluate, load_labelled

@@ -152,13 +152,13 @@ def run_worker(tree: Path, tiny: bool, seconds: float) -> dict:
 
 
 def cpu() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                 if ln.startswith("model name")), "unknown CPU")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines()
-                  if ln.startswith("flags")), [])
+    # This checkout's probe, imported here: the workers import vistra from their own trees.
+    from vistra.accel import probe
+
+    found = probe()
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return f"{name}; flags: {' '.join(f for f in wanted if f in flags) or 'none of ' + str(wanted)}"
+    flags = " ".join(f for f in wanted if f in found.flags) or "none of " + str(wanted)
+    return f"{found.cpu_model or 'unknown CPU'}; flags: {flags}"
 
 
 def table(before: dict, after: dict) -> list[str]:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from vistra.accel import probe
 from vistra.analysis.flops import count_macs
 from vistra.train.logger import CURVES_FILE, read_metrics
 from vistra.weights import load_checkpoint
@@ -207,12 +208,7 @@ def write_table(rows: list[dict], args: argparse.Namespace) -> Path:
 
 
 def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return probe().cpu_model or platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import statistics
 import sys
@@ -25,7 +26,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from vistra.accel import accelerate_training, optimize
-from vistra.accel.capabilities import BF16_FLAGS, cpu_has_bf16, cpu_info
+from vistra.accel.capabilities import cpu_has_bf16, probe
 from vistra.models import build_model
 
 from .flops import params_and_macs
@@ -68,9 +69,9 @@ class Report:
     # The defaults are for reports read back from JSON written before these fields existed.
     # median over rounds of a GEMM_SIZE^3 torch.mm in each of "fp32" and "bf16", same rounds
     gemm_peak_gflops_by_dtype: dict[str, float] = field(default_factory=dict)
-    cpu_model: str = ""  # /proc/cpuinfo "model name"; "" where there is none
+    cpu_model: str = ""  # vistra.accel.probe().cpu_model; "" where the system reports none
     cpu_bf16: bool | None = None  # vistra.accel.capabilities.cpu_has_bf16()
-    cpu_bf16_flags: list[str] = field(default_factory=list)  # which of BF16_FLAGS it has
+    cpu_bf16_flags: list[str] = field(default_factory=list)  # probe().bf16_flags
 
     def speedup(self) -> float | None:
         """vistra's images/s over the peer's, when a peer ran."""
@@ -79,6 +80,35 @@ class Report:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "speedup_vs_hf": self.speedup()}
+
+    def format(self) -> str:
+        """A plain-text table: one row per model run, then the CPU line, the speedup over
+        the peer when one ran, and the notes."""
+        head = (f"{'model':<30} {'impl':<7} {'mode':<5} {'dtype':<5} {'batch':>5} {'img/s':>8} "
+                f"{'latency ms':>11} {'GFLOP/s':>8} {'of peak':>8} {'peak MB':>8}")
+        lines = [head]
+        for r in self.results:
+            impl = r.impl + ("+c" if r.compiled else "")
+            memory = "-" if math.isnan(r.peak_memory_mb) else f"{r.peak_memory_mb:.0f}"
+            lines.append(f"{r.model:<30} {impl:<7} {r.mode:<5} {r.dtype:<5} {r.batch_size:>5} "
+                         f"{r.images_per_s:>8.2f} {r.latency_ms:>11.1f} "
+                         f"{r.achieved_gflops:>8.1f} {r.fraction_of_peak:>8.0%} {memory:>8}")
+        lines.append(self.cpu_line())
+        speedup = self.speedup()
+        if speedup is not None:
+            lines.append(f"vistra / HuggingFace images/s: {speedup:.2f}x")
+        lines += [f"- {note}" for note in self.notes]
+        return "\n".join(lines)
+
+    def cpu_line(self) -> str:
+        """The CPU, whether it has bf16 arithmetic, and the GEMM peak in each dtype: what the
+        figures are to be read against (as the run recorded them, from vistra.accel.probe)."""
+        flags = f" ({', '.join(self.cpu_bf16_flags)})" if self.cpu_bf16_flags else ""
+        bf16 = f"yes{flags}" if self.cpu_bf16 else "no (bf16 is emulated: slow)"
+        peaks = ", ".join(f"{kind} {gflops:.0f}"
+                          for kind, gflops in self.gemm_peak_gflops_by_dtype.items())
+        return (f"CPU: {self.cpu_model or 'model not reported'}, {self.threads} threads, bf16 "
+                f"arithmetic: {bf16}; GEMM peak {peaks} GFLOP/s (same run)")
 
 
 def malloc_heap_only() -> bool:
@@ -93,12 +123,6 @@ def malloc_heap_only() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and which of BF16_FLAGS it reports (vistra.accel.capabilities)."""
-    name, flags = cpu_info()
-    return name, [flag for flag in BF16_FLAGS if flag in flags]
 
 
 def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None], int]:
@@ -234,6 +258,6 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
         notes.append("allocator: glibc heap only, freed memory kept (malloc_heap_only)")
     if measure_memory:
         notes.append(MEMORY_NOTE)
-    cpu_model, bf16_flags = cpu_description()
+    cpu = probe()
     return Report(results, peak, torch.get_num_threads(), notes, gemm_peak_gflops_by_dtype=peaks,
-                  cpu_model=cpu_model, cpu_bf16=cpu_has_bf16(), cpu_bf16_flags=bf16_flags)
+                  cpu_model=cpu.cpu_model, cpu_bf16=cpu_has_bf16(), cpu_bf16_flags=cpu.bf16_flags)

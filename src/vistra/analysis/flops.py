@@ -168,3 +168,54 @@ def flops_report(name: str, img_size: int | tuple[int, int] | None = None) -> di
                    "counter on the meta device; attention as its QK^T and AV matmuls)",
         "not_counted": NOT_COUNTED,
     }
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:,.1f}" if n else "."
+
+
+def format_flops_report(report: dict) -> str:
+    """A `flops_report` as plain-text tables: MACs by stage and kind, then one attention
+    layer per stage against the Swin paper's formulas, with notes on what the ratio means."""
+    h, w = report["img_size"]
+    lines = [f"{report['name']} at {h}x{w}: {report['params'] / 1e6:.2f} M parameters, "
+             f"{report['macs'] / 1e9:.3f} GMACs per image", "",
+             "MACs by stage and kind (millions)"]
+    head = f"{'':<8}" + "".join(f"{k:>13}" for k in KINDS) + f"{'total':>13}"
+    lines.append(head)
+    for stage, kinds in [*report["by_stage"].items(), ("total", report["by_kind"])]:
+        cells = "".join(f"{_millions(kinds.get(k, 0)):>13}" for k in KINDS)
+        lines.append(f"{stage:<8}{cells}{_millions(sum(kinds.values())):>13}")
+    lines += ["", "One attention layer per stage (millions of MACs): the Swin paper's formulas "
+              "(Liu et al. 2021, Eq. 1 and 2) against the counter",
+              f"{'':<8}{'map':>9}{'C':>6}{'heads':>7}{'M':>4}{'global MSA':>13}"
+              f"{'W-MSA':>11}{'measured':>11}{'ratio':>8}"]
+    notes = set()
+    for s in report["stages"]:
+        window = f"{s['window']}{'*' if s['window_is_what_if'] else ''}"
+        # Swin's layers are windowed, ViT's global: compare each with its own formula.
+        formula = s["analytic_msa"] if s["window_is_what_if"] else s["analytic_wmsa"]
+        ratio = s["measured_attention"] / formula
+        flag = ""
+        if s["padded"]:
+            flag = " (padded)"
+            notes.add("padded")
+        lines.append(f"{s['name']:<8}{s['map'][0]:>4}x{s['map'][1]:<4}{s['dim']:>6}"
+                     f"{s['heads']:>7}{window:>4}{_millions(s['analytic_msa']):>13}"
+                     f"{_millions(s['analytic_wmsa']):>11}"
+                     f"{_millions(s['measured_attention']):>11}{ratio:>8.3f}{flag}")
+        if s["window_is_what_if"]:
+            notes.add("vit")
+    lines += ["", "ratio: measured over the formula of the attention the model really uses "
+              "(W-MSA for Swin, MSA for ViT).",
+              f"Counted: {report['counted']}.", f"Not counted: {report['not_counted']}."]
+    if "vit" in notes:
+        lines.append("ViT attends globally: its measured layer is the MSA formula with hw "
+                     "counting the class token too; * the W-MSA column is a what-if with "
+                     "Swin's 7x7 windows.")
+    if "padded" in notes:
+        lines.append("(padded): the map is padded to whole windows before attention, so the "
+                     "layer really costs more than the formula for the unpadded map.")
+    if "plot" in report:
+        lines.append(f"Plot written to {report['plot']}")
+    return "\n".join(lines)

@@ -4,9 +4,8 @@ peak, and peak memory; optionally next to HuggingFace transformers' equivalent m
 from __future__ import annotations
 
 import argparse
-import math
 
-from vistra.analysis.benchmark import DTYPES, MODES, Report, benchmark
+from vistra.analysis.benchmark import DTYPES, MODES, benchmark
 from vistra.output import to_json
 
 
@@ -51,34 +50,5 @@ def run(args: argparse.Namespace) -> int:
                        dtype=args.dtype, mode=args.mode, compile=args.compile,
                        compare=args.compare, repeats=args.repeats, warmup=args.warmup,
                        measure_memory=not args.no_memory, malloc_heap=args.malloc_heap)
-    print(to_json(report.to_dict(), indent=2) if args.json else render(report))
+    print(to_json(report.to_dict(), indent=2) if args.json else report.format())
     return 0
-
-
-def render(report: Report) -> str:
-    head = (f"{'model':<30} {'impl':<7} {'mode':<5} {'dtype':<5} {'batch':>5} {'img/s':>8} "
-            f"{'latency ms':>11} {'GFLOP/s':>8} {'of peak':>8} {'peak MB':>8}")
-    lines = [head]
-    for r in report.results:
-        impl = r.impl + ("+c" if r.compiled else "")
-        memory = "-" if math.isnan(r.peak_memory_mb) else f"{r.peak_memory_mb:.0f}"
-        lines.append(f"{r.model:<30} {impl:<7} {r.mode:<5} {r.dtype:<5} {r.batch_size:>5} "
-                     f"{r.images_per_s:>8.2f} {r.latency_ms:>11.1f} {r.achieved_gflops:>8.1f} "
-                     f"{r.fraction_of_peak:>8.0%} {memory:>8}")
-    lines.append(cpu_line(report))
-    speedup = report.speedup()
-    if speedup is not None:
-        lines.append(f"vistra / HuggingFace images/s: {speedup:.2f}x")
-    lines += [f"- {note}" for note in report.notes]
-    return "\n".join(lines)
-
-
-def cpu_line(report: Report) -> str:
-    """The CPU, whether it has bf16 arithmetic, and the GEMM peak in each dtype: what the
-    figures above are to be read against."""
-    flags = f" ({', '.join(report.cpu_bf16_flags)})" if report.cpu_bf16_flags else ""
-    bf16 = f"yes{flags}" if report.cpu_bf16 else "no (bf16 is emulated: slow)"
-    peaks = ", ".join(f"{kind} {gflops:.0f}"
-                      for kind, gflops in report.gemm_peak_gflops_by_dtype.items())
-    return (f"CPU: {report.cpu_model or 'model not reported'}, {report.threads} threads, bf16 "
-            f"arithmetic: {bf16}; GEMM peak {peaks} GFLOP/s (same run)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from vistra.weights import convert_checkpoint
-from vistra.weights.hub import is_tagged_model_name
 from vistra.weights.labels import read_class_names
 
 
@@ -45,10 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     classes = read_class_names(args.classes) if args.classes else None
-    src, model = args.src, args.model
-    if model is None and is_tagged_model_name(src):
-        model, src = src, True  # a timm-tagged model name names its weights
-    report = convert_checkpoint(src, args.dst, model, num_classes=args.num_classes,
+    report = convert_checkpoint(args.src, args.dst, args.model, num_classes=args.num_classes,
                                 img_size=args.img_size, classes=classes, overwrite=args.force)
     print(report)
     print(f"wrote {args.dst}")

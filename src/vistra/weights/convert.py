@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vistra.models import build_model
 
-from .hub import HF_PREFIX, split_tag
+from .hub import HF_PREFIX, is_tagged_model_name, split_tag
 from .load import LoadReport, apply_pretrained, model_name_for, read_pretrained
 from .vistra_file import save_checkpoint
 
@@ -18,13 +18,17 @@ def convert_checkpoint(src: str | os.PathLike | bool, dst: str | os.PathLike,
                        classes: list[str] | None = None, overwrite: bool = False) -> LoadReport:
     """Load `src` (a file, a directory or a HuggingFace name, see `read_pretrained`) into
     `model_name` and save it as a vistra .safetensors at `dst`, the model's config in its
-    metadata. model_name None: the model a timm config names or the weights' shapes match.
+    metadata. model_name None: the model a timm config names or the weights' shapes match;
+    a timm-tagged model name as `src` (vit_base_patch16_224.augreg2_in21k_ft_in1k) is the
+    model, its weights those the tag names in the local HuggingFace cache.
     num_classes None keeps the file's class count (0 if it has no head); another count gives
     a fresh head. img_size None keeps the model's default. classes: names for the head's
     outputs (default: those of the source, or ImageNet-1k's for a 1000-class head).
 
     An existing `dst` is replaced only with `overwrite`, and never when it is the source or
     a file of a source directory (a HuggingFace model folder's own weights)."""
+    if model_name is None and isinstance(src, str) and is_tagged_model_name(src):
+        model_name, src = src, True
     check_output(None if isinstance(src, bool) else src, dst, overwrite)
     pretrained = read_pretrained(src, model_name)
     if num_classes is None:

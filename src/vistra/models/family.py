@@ -131,7 +131,6 @@ _SWIN_FIELDS = frozenset({
     "drop_path_rate", "conv_stem"})
 
 
-
 def vit_token_stride(model: nn.Module) -> int:
     """The patch, or the R50 hybrid's total stride."""
     return model.patch_embed.reduction
@@ -160,7 +159,7 @@ def vit_resizable(model: nn.Module) -> Iterator[None]:
 
 
 def swin_export_size_rule(model: nn.Module) -> tuple[int, int]:
-    """Any size (padding, window gathers and shift mask are computed in the graph), as long as
+    """Any size (padding, roll and shift mask are computed in the graph), as long as
     every stage that shifts its windows keeps a map larger than the window: below that,
     eager Swin stops shifting, a decision the graph holds fixed."""
     patch, smallest = model.cfg.patch_size, 1

@@ -1,16 +1,21 @@
-"""Shared by the serve tests: a small Fashion-MNIST checkpoint, real images, and a real
-uvicorn server on 127.0.0.1 in a thread."""
+"""Shared by the serve tests: a small Fashion-MNIST checkpoint, real images, a real
+uvicorn server on 127.0.0.1 in a thread, a slowed classifier, the metrics as numbers, and
+asyncio as Python 3.10 has it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from vistra import create_model
 from vistra.data import bundled_demo_dir
@@ -56,3 +61,41 @@ def running_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def slowed(classifier, seconds: float):
+    """The classifier, taking `seconds` longer for each forward pass."""
+    def run(batch):
+        time.sleep(seconds)
+        return classifier.run(batch)
+    return dataclasses.replace(classifier, run=run)
+
+
+def scrape_metrics(client) -> dict[str, list]:
+    """GET /metrics through an httpx or test client: each family's samples by its name."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {family.name: family.samples for family in families}
+
+
+def count(samples, sample: str, /, **labels) -> float:
+    """The sum of the samples called `sample` that carry `labels`."""
+    return sum(s.value for s in samples if s.name == sample
+               and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+class Python310TimeoutError(Exception):
+    """What `asyncio.wait_for` raises on Python 3.10: asyncio's own TimeoutError, which is
+    not the builtin one there (it is from 3.11 on)."""
+
+
+def asyncio_of_python_310() -> types.SimpleNamespace:
+    """The asyncio module as Python 3.10 has it, for a module's time-outs (monkeypatch its
+    `asyncio`): `TimeoutError` its own class, and `wait_for` raising it."""
+    async def wait_for(awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except TimeoutError as error:
+            raise Python310TimeoutError() from error
+
+    return types.SimpleNamespace(**{**vars(asyncio), "wait_for": wait_for,
+                                    "TimeoutError": Python310TimeoutError})

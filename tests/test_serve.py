@@ -19,10 +19,19 @@ import starlette.formparsers
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import CLASSES, fashion_images, running_server, tiny_checkpoint
+from serve_helpers import (
+    CLASSES,
+    asyncio_of_python_310,
+    count,
+    fashion_images,
+    running_server,
+    scrape_metrics,
+    slowed,
+    tiny_checkpoint,
+)
 from test_serve_uploads import BAD_UPLOADS, noise_png
 
+import vistra.serve.service
 from vistra.cli import main
 from vistra.data.images import load_rgb
 from vistra.runtime import load_classifier
@@ -99,6 +108,7 @@ def test_batch_answers_each_file_in_order_and_reports_bad_ones_alone(client, cla
 def test_model_health_readiness_and_page(client, classifier):
     info = client.get("/v1/model").json()
     assert info["name"] == "vit_fmnist" and info["backend"] == "torch"
+    assert info["dtype"] == "fp32"
     assert info["classes"] == CLASSES and info["input_size"] == [1, 28, 28]
     assert info["checkpoint_hash"] == classifier.checkpoint_hash
     assert len(info["checkpoint_hash"]) == 64
@@ -200,13 +210,6 @@ def test_cli_names_a_missing_model_file(tmp_path, capsys):
 
 # -- capacity: queue, time-out ----------------------------------------------------------------
 
-def _slowed(classifier, seconds: float):
-    def run(batch):
-        time.sleep(seconds)
-        return classifier.run(batch)
-    return dataclasses.replace(classifier, run=run)
-
-
 async def _concurrently(app, requests: int, body: bytes) -> list[httpx.Response]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
@@ -215,7 +218,7 @@ async def _concurrently(app, requests: int, body: bytes) -> list[httpx.Response]
 
 
 def test_a_full_queue_answers_503_with_retry_after(classifier):
-    app = create_app(_slowed(classifier, 0.3), ServeSettings(queue_size=2, max_batch=1))
+    app = create_app(slowed(classifier, 0.3), ServeSettings(queue_size=2, max_batch=1))
     assert app.state.service.ready.wait(30)
     responses = asyncio.run(_concurrently(app, 5, fashion_images(1)[0].read_bytes()))
     codes = sorted(r.status_code for r in responses)
@@ -225,8 +228,12 @@ def test_a_full_queue_answers_503_with_retry_after(classifier):
     app.state.service.close()
 
 
-def test_a_request_past_its_time_gets_504_and_the_service_lives_on(classifier):
-    app = create_app(_slowed(classifier, 0.5), ServeSettings(timeout_s=0.1))
+@pytest.mark.parametrize("python", ["3.11+", "3.10"])
+def test_a_request_past_its_time_gets_504_and_the_service_lives_on(classifier, python,
+                                                                   monkeypatch):
+    if python == "3.10":  # asyncio.wait_for raises asyncio's TimeoutError, not the builtin
+        monkeypatch.setattr(vistra.serve.service, "asyncio", asyncio_of_python_310())
+    app = create_app(slowed(classifier, 0.5), ServeSettings(timeout_s=0.1))
     assert app.state.service.ready.wait(30)
     with TestClient(app) as client:
         response = client.post("/v1/predict", content=fashion_images(1)[0].read_bytes())
@@ -236,33 +243,25 @@ def test_a_request_past_its_time_gets_504_and_the_service_lives_on(classifier):
 
 # -- metrics ----------------------------------------------------------------------------------
 
-def _metrics(client) -> dict[str, list]:
-    families = text_string_to_metric_families(client.get("/metrics").text)
-    return {family.name: family.samples for family in families}
-
-
-def _count(samples, name: str, **labels) -> float:
-    return sum(s.value for s in samples if s.name == name
-               and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
 def test_metrics_count_requests_by_code_latency_batches_and_queue(classifier):
     with _client(classifier) as client:
         path = fashion_images(1)[0]
         client.post("/v1/predict", content=path.read_bytes())
         client.post("/v1/predict", content=b"nope")
         client.get("/no/such/page/for/scanners")
-        metrics = _metrics(client)
+        metrics = scrape_metrics(client)
     requests = metrics["vistra_http_requests"]
-    assert _count(requests, "vistra_http_requests_total", path="/v1/predict", code="200") == 1
-    assert _count(requests, "vistra_http_requests_total", path="/v1/predict", code="415") == 1
-    assert _count(requests, "vistra_http_requests_total", path="other", code="404") == 1
+    assert count(requests, "vistra_http_requests_total", path="/v1/predict", code="200") == 1
+    assert count(requests, "vistra_http_requests_total", path="/v1/predict", code="415") == 1
+    assert count(requests, "vistra_http_requests_total", path="other", code="404") == 1
     latency = metrics["vistra_http_request_duration_seconds"]
-    assert _count(latency, "vistra_http_request_duration_seconds_count", path="/v1/predict") == 2
+    assert count(latency, "vistra_http_request_duration_seconds_count", path="/v1/predict") == 2
     batches = metrics["vistra_batch_size"]
-    assert _count(batches, "vistra_batch_size_count") >= 1  # the warm-up's passes not counted
+    assert count(batches, "vistra_batch_size_count") >= 1  # the warm-up's passes not counted
     assert metrics["vistra_queue_depth"][0].value == 0
     assert metrics["vistra_predictions_in_flight"][0].value == 0
+    assert count(metrics["vistra_model_info"], "vistra_model_info", name="vit_fmnist",
+                 backend="torch", dtype="fp32") == 1
 
 
 # -- explain ----------------------------------------------------------------------------------
@@ -362,12 +361,12 @@ def test_load_8_clients_x_50_requests_on_a_real_server_no_errors_no_mix_ups(clas
         with ThreadPoolExecutor(8) as pool:
             problems = sum(pool.map(client_session, [base] * 8, range(8)), [])
         with httpx.Client(base_url=base) as http:
-            metrics = _metrics(http)
+            metrics = scrape_metrics(http)
     assert problems == []
     batches = metrics["vistra_batch_size"]
-    total = _count(batches, "vistra_batch_size_count")
-    singles = _count(batches, "vistra_batch_size_bucket", le="1.0")
-    assert _count(batches, "vistra_batch_size_sum") == 400
+    total = count(batches, "vistra_batch_size_count")
+    singles = count(batches, "vistra_batch_size_bucket", le="1.0")
+    assert count(batches, "vistra_batch_size_sum") == 400
     assert singles < total, "no request was batched with another"
 
 

@@ -13,14 +13,17 @@ import io
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+from serve_helpers import asyncio_of_python_310
 
+import vistra.serve.uploads
 from vistra.serve.settings import ServeSettings
-from vistra.serve.uploads import Upload, UploadError, decode_upload, read_uploads
+from vistra.serve.uploads import Upload, UploadError, UploadTimedOut, decode_upload, read_uploads
 
 LIMITS = ServeSettings(max_upload_mb=1, max_megapixels=4)
 
@@ -73,28 +76,36 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary"
 
 
 class Sender:
-    """A body sent in chunks of `size` bytes; `sent` counts the chunks the reader took."""
+    """A body sent in chunks of `size` bytes; `sent` counts the chunks the reader took.
+    `pause_s` is the silence before each chunk after the first; `stall_after` chunks, the
+    sender falls silent for good (a client that stops sending mid-body)."""
 
-    def __init__(self, body: bytes, size: int = 64 * 1024) -> None:
+    def __init__(self, body: bytes, size: int = 64 * 1024, pause_s: float = 0.0,
+                 stall_after: int | None = None) -> None:
         self.chunks = [body[i:i + size] for i in range(0, len(body), size)]
         self.sent = 0
+        self.pause_s, self.stall_after = pause_s, stall_after
 
     async def __aiter__(self):
         for chunk in self.chunks:
+            if self.sent == self.stall_after:
+                await asyncio.Event().wait()  # nothing ever comes
+            if self.sent and self.pause_s:
+                await asyncio.sleep(self.pause_s)
             self.sent += 1
             yield chunk
 
 
 def read(body: bytes | Sender, content_type: str = "application/octet-stream",
-         content_length: str | None = None) -> list[Upload]:
+         content_length: str | None = None, limits: ServeSettings = LIMITS) -> list[Upload]:
     sender = body if isinstance(body, Sender) else Sender(body)
-    return asyncio.run(read_uploads(sender, content_type, LIMITS, content_length))
+    return asyncio.run(read_uploads(sender, content_type, limits, content_length))
 
 
 def refusal(body: bytes | Sender, content_type: str = "application/octet-stream",
-            content_length: str | None = None) -> UploadError:
+            content_length: str | None = None, limits: ServeSettings = LIMITS) -> UploadError:
     with pytest.raises(UploadError) as refused:
-        read(body, content_type, content_length)
+        read(body, content_type, content_length, limits)
     return refused.value
 
 
@@ -137,6 +148,30 @@ def test_a_body_over_the_limit_is_refused_as_soon_as_the_bytes_counted_pass_it(m
     assert error.status == 413 and error.detail.startswith("request body over ")
     assert error.detail.endswith("the limit is 1 MB")
     assert sender.sent == 2**20 // (64 * 1024) + 1 < len(sender.chunks)
+
+
+@pytest.mark.parametrize("python", ["3.11+", "3.10"])
+@pytest.mark.parametrize("multipart_body", [False, True])
+def test_a_body_that_stops_arriving_is_refused_with_408_after_read_timeout_s(
+        multipart_body, python, monkeypatch):
+    if python == "3.10":
+        monkeypatch.setattr(vistra.serve.uploads, "asyncio", asyncio_of_python_310())
+    image = noise_png(64, 64)
+    body, content_type = multipart(("file", "a.png", image)) if multipart_body else (image, "")
+    sender = Sender(body, size=1024, stall_after=3)
+    start = time.perf_counter()
+    error = refusal(sender, content_type, limits=ServeSettings(read_timeout_s=0.2))
+    waited = time.perf_counter() - start
+    assert isinstance(error, UploadTimedOut) and error.status == 408
+    assert error.detail.startswith("no part of the request body arrived for 0.2 s")
+    assert sender.sent == 3 and 0.2 <= waited < 2
+
+
+def test_the_read_time_out_is_for_each_pause_not_for_the_whole_body():
+    image = noise_png(64, 64)
+    sender = Sender(image, size=len(image) // 6 + 1, pause_s=0.1)  # ~0.5 s in all
+    [upload] = read(sender, limits=ServeSettings(read_timeout_s=0.3))
+    assert upload.data == image and sender.sent == 6
 
 
 @pytest.mark.parametrize("body, content_type, words", [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vistra.accel.capabilities import DTYPES
+from vistra.cli.inference import report_dtype
 from vistra.serve.settings import ServeSettings
 
 
@@ -39,6 +41,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default: {d.queue_size})")
     p.add_argument("--timeout-s", type=float, default=d.timeout_s,
                    help=f"per request; later answers 504 (default: {d.timeout_s:g})")
+    p.add_argument("--read-timeout-s", type=float, default=d.read_timeout_s,
+                   help="seconds a request body may stop arriving; longer answers 408 "
+                        f"(default: {d.read_timeout_s:g})")
+    p.add_argument("--max-in-flight-per-client", type=int, default=d.max_in_flight_per_client,
+                   help="predictions in progress from one client address; more are refused "
+                        f"with 429 (default: {d.max_in_flight_per_client})")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="fp32, or bf16 (the model cast once; faster where the CPU has bf16 "
+                        "arithmetic, AVX512_BF16 or AMX; emulated and slow elsewhere); auto "
+                        "(default) picks by the CPU and says which. An .onnx file computes in "
+                        "what it was exported in (fp32 or int8)")
     p.add_argument("--explain", action="store_true",
                    help="offer heat maps (?explain=METHOD and on the page); they cost a "
                         "backward pass each, so they are off by default")
@@ -49,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
         queue_size=args.queue_size, timeout_s=args.timeout_s,
+        read_timeout_s=args.read_timeout_s, max_in_flight_per_client=args.max_in_flight_per_client,
         preprocess_threads=max(2, args.threads or 2), max_megapixels=args.max_megapixels,
         explain=args.explain)
     from vistra.serve.server import run as run_server
 
     run_server(args.model, settings, host=args.host, port=args.port, workers=args.workers,
-               threads=args.threads)
+               threads=args.threads, dtype=args.dtype,
+               on_load=lambda c: report_dtype(c.dtype, c.backend, args.dtype))
     return 0

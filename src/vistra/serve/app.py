@@ -3,10 +3,12 @@ uploaded images, batches concurrent requests, reports health and Prometheus metr
 serves a small offline web page at `/`.
 
 What a request may cost is bounded at every step: the body is counted while it arrives
-(never buffered past `max_upload_mb`, never written to disk), the image size is checked from
-its header before any pixel is decoded, decoding runs on a fixed pool of threads, at most
-`queue_size` predictions are in the service at once (more get 503 and Retry-After), and each
-one has `timeout_s` to finish (else 504).
+(never buffered past `max_upload_mb`, never written to disk) and must not pause for longer
+than `read_timeout_s` (else 408), the image size is checked from its header before any pixel
+is decoded, decoding runs on a fixed pool of threads, at most `queue_size` predictions are in
+the service at once (more get 503 and Retry-After) and `max_in_flight_per_client` from one
+client address (more get 429 and Retry-After), and each one has `timeout_s` to finish (else
+504).
 
 This module is the web side only: the routes, plain functions that find the `Service` at
 `request.app.state.service`. Reading and checking uploads is `vistra.serve.uploads`, the
@@ -42,7 +44,7 @@ from vistra.serve.schemas import (
 )
 from vistra.serve.service import Service, ServiceError
 from vistra.serve.settings import ServeSettings
-from vistra.serve.uploads import Upload, UploadError, read_uploads
+from vistra.serve.uploads import Upload, UploadError, UploadTimedOut, read_uploads
 
 MAX_BATCH_FILES = 64  # files in one /v1/predict/batch request
 PAGE_FILES = {"index.html": "text/html; charset=utf-8",
@@ -65,7 +67,8 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
                   description="Image classification with a vistra model. Send an image, get "
                   "the top classes with probabilities. Limits: body "
                   f"{settings.max_upload_mb:g} MB, {settings.max_megapixels:g} megapixels, "
-                  f"aspect ratio {settings.max_aspect_ratio:g}:1, {settings.timeout_s:g} s.")
+                  f"aspect ratio {settings.max_aspect_ratio:g}:1, {settings.timeout_s:g} s, "
+                  f"{settings.read_timeout_s:g} s of silence while the body arrives.")
     app.state.service = service
     app.state.page = _page_files()
     app.include_router(router)
@@ -86,7 +89,7 @@ async def predict(request: Request, topk: TopK = 5, explain: ExplainMethod = Non
     start = time.perf_counter()
     service = _service(request)
     service.check_explain(explain)
-    async with service.admitted():
+    async with service.admitted(_client(request)):
         return await service.within_time(_predict_one(request, service, topk, start, explain))
 
 
@@ -96,13 +99,13 @@ async def predict(request: Request, topk: TopK = 5, explain: ExplainMethod = Non
 async def predict_batch(request: Request, topk: TopK = 5) -> list[dict]:
     start = time.perf_counter()
     service = _service(request)
-    async with service.admitted():
+    async with service.admitted(_client(request)):
         return await service.within_time(_predict_each(request, service, topk, start))
 
 
 async def _predict_one(request: Request, service: Service, topk: int, start: float,
                        explain: str | None) -> dict:
-    files = await _receive(request, service.settings)
+    files = await _receive(request, service)
     if len(files) > 1:
         raise HTTPException(400, f"{len(files)} files sent; /v1/predict takes one, "
                             "/v1/predict/batch several")
@@ -111,7 +114,7 @@ async def _predict_one(request: Request, service: Service, topk: int, start: flo
 
 async def _predict_each(request: Request, service: Service, topk: int,
                         start: float) -> list[dict]:
-    files = await _receive(request, service.settings)
+    files = await _receive(request, service)
     if len(files) > MAX_BATCH_FILES:
         raise HTTPException(413, f"{len(files)} files sent; the limit is {MAX_BATCH_FILES} "
                             "a request")
@@ -126,12 +129,15 @@ async def _batch_item(service: Service, upload: Upload, topk: int, start: float)
         return {"file": upload.name, "status": error.status, "detail": error.detail}
 
 
-async def _receive(request: Request, settings: ServeSettings) -> list[Upload]:
+async def _receive(request: Request, service: Service) -> list[Upload]:
     try:
         return await read_uploads(request.stream(), request.headers.get("content-type", ""),
-                                  settings, request.headers.get("content-length"))
+                                  service.settings, request.headers.get("content-length"))
     except ClientDisconnect as error:  # nobody to answer; keep it out of the error log
         raise UploadError(400, "the client went away during the upload") from error
+    except UploadTimedOut:  # answered 408 by _upload_refused
+        service.metrics.read_timeouts.inc()
+        raise
 
 
 # -- the model, health, metrics ---------------------------------------------------------------
@@ -195,6 +201,12 @@ def _page_files() -> dict[str, bytes]:
 
 def _service(request: Request) -> Service:
     return request.app.state.service
+
+
+def _client(request: Request) -> str:
+    """The client's address, which the per-client limit counts by (behind a proxy, the one
+    in X-Forwarded-For, which uvicorn reads from the addresses in FORWARDED_ALLOW_IPS)."""
+    return request.client.host if request.client else "unknown"
 
 
 @asynccontextmanager

@@ -12,6 +12,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
@@ -40,6 +41,14 @@ class Metrics:
                                  registry=r)
         self.in_flight = Gauge("vistra_predictions_in_flight", "Prediction requests being "
                                "received, decoded, queued or run", registry=r)
+        self.read_timeouts = Counter(
+            "vistra_upload_read_timeouts", "Request bodies that stopped arriving for "
+            "read_timeout_s (answered 408)", registry=r)
+        self.client_limit_refusals = Counter(
+            "vistra_client_limit_refusals", "Predictions refused because their client address "
+            "had max_in_flight_per_client in progress (answered 429)", registry=r)
+        self.model = Info("vistra_model", "The model served: name, backend and the dtype it "
+                          "computes in", registry=r)
 
     def batch(self, size: int, seconds: float) -> None:
         """One forward pass of `size` images (the batcher's `on_batch`)."""

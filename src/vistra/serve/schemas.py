@@ -43,6 +43,8 @@ class BatchItem(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     backend: str
+    dtype: str = Field(description="what the model computes in: fp32, bf16 (torch backend) "
+                       "or int8 (a quantised .onnx)")
     classes: list[str]
     input_size: list[int] = Field(description="[channels, height, width] the model sees")
     checkpoint_hash: str | None = Field(description="SHA-256 of the model file")
@@ -77,7 +79,10 @@ FILES_BODY = {  # POST /v1/predict/batch: multipart fields named `file`
 ERRORS = {code: {"description": text, "content": {"application/json": {"example": {
     "detail": "a one-line reason"}}}} for code, text in [
     (400, "corrupt or truncated image, extreme aspect ratio, malformed request"),
+    (408, "the body stopped arriving for --read-timeout-s"),
     (413, "body over --max-upload-mb, or an image over the pixel limit"),
     (415, "the upload is not an image"),
+    (429, "--max-in-flight-per-client requests from this address in progress (see "
+     "Retry-After)"),
     (503, "too many requests in the service (see Retry-After)"),
     (504, "not answered within --timeout-s")]}

@@ -6,22 +6,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI
 
+from vistra.accel import resolve_dtype
+from vistra.runtime import Classifier, load_classifier, resolve_backend
 from vistra.serve.app import create_app
 from vistra.serve.settings import ServeSettings
 
 _ENV = "VISTRA_SERVE_CONFIG"
 
 
-def load_app(model: str | os.PathLike, settings: ServeSettings,
-             threads: int | None = None) -> FastAPI:
-    """Load the model file and build its service; `threads` sets torch's intra-op threads."""
+def load_app(model: str | os.PathLike, settings: ServeSettings, threads: int | None = None,
+             dtype: str = "fp32", on_load: Callable[[Classifier], None] | None = None
+             ) -> FastAPI:
+    """Load the model file and build its service; `threads` sets torch's intra-op threads.
+    dtype: fp32, bf16 or auto, as `vistra.runtime.load_classifier` takes it (an .onnx file
+    computes in what it was exported in); `on_load` is called with the classifier loaded."""
     import torch
-
-    from vistra.runtime import load_classifier
 
     if threads is not None:
         if threads < 1:
@@ -30,28 +34,36 @@ def load_app(model: str | os.PathLike, settings: ServeSettings,
     if not Path(model).is_file():
         raise FileNotFoundError(f"model file {model} not found; pass a .safetensors checkpoint "
                                 "written by `vistra train` (or an exported .onnx)")
-    return create_app(load_classifier(model), settings)
+    classifier = load_classifier(model, dtype=dtype)
+    if on_load is not None:
+        on_load(classifier)
+    return create_app(classifier, settings)
 
 
 def app_from_environment() -> FastAPI:
     """The factory each uvicorn worker process calls."""
     config = json.loads(os.environ[_ENV])
-    return load_app(config["model"], ServeSettings(**config["settings"]), config["threads"])
+    return load_app(config["model"], ServeSettings(**config["settings"]), config["threads"],
+                    config["dtype"])
 
 
 def run(model: str | os.PathLike, settings: ServeSettings, host: str = "127.0.0.1",
-        port: int = 8000, workers: int = 1, threads: int | None = None) -> None:
-    """Serve until interrupted."""
+        port: int = 8000, workers: int = 1, threads: int | None = None, dtype: str = "fp32",
+        on_load: Callable[[Classifier], None] | None = None) -> None:
+    """Serve until interrupted. dtype and on_load: see `load_app`; with several workers each
+    loads its own copy and `on_load` is not called (it cannot travel to their processes)."""
     import uvicorn
 
     if workers < 1:
         raise ValueError(f"--workers must be 1 or more, got {workers}")
     if workers == 1:
-        uvicorn.run(load_app(model, settings, threads), host=host, port=port)
+        uvicorn.run(load_app(model, settings, threads, dtype, on_load), host=host, port=port)
         return
     if not Path(model).is_file():
         raise FileNotFoundError(f"model file {model} not found")
+    # Refused here (bf16 for an .onnx file) rather than once per worker.
+    resolve_dtype(dtype, resolve_backend(model))
     os.environ[_ENV] = json.dumps({"model": str(Path(model).resolve()), "threads": threads,
-                                   "settings": dataclasses.asdict(settings)})
+                                   "dtype": dtype, "settings": dataclasses.asdict(settings)})
     uvicorn.run("vistra.serve.server:app_from_environment", factory=True, host=host, port=port,
                 workers=workers)

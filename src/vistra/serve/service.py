@@ -1,5 +1,6 @@
 """The service behind the routes: one classifier on its model thread, a pool of preprocessing
-threads, admission and time limits, explanations, readiness and metrics.
+threads, admission (per service and per client address) and time limits, explanations,
+readiness and metrics.
 
 It knows nothing of the web framework: what it refuses raises `ServiceError` (an HTTP status,
 a one-line reason, headers), and `vistra.serve.app` turns that into a response.
@@ -13,6 +14,7 @@ import io
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -22,7 +24,7 @@ import torch
 from PIL import Image
 
 from vistra import __version__
-from vistra.runtime import Classifier
+from vistra.runtime import Classifier, load_classifier
 from vistra.serve.batcher import Batcher
 from vistra.serve.metrics import Metrics
 from vistra.serve.settings import ServeSettings
@@ -59,11 +61,16 @@ class Service:
                                on_batch=self.metrics.batch)
         self.metrics.queue_depth.set_function(self.batcher.depth)
         self.in_flight = 0  # changed on the event loop only
+        self.in_flight_by_client: Counter[str] = Counter()  # likewise; absent when none
         self.ready = threading.Event()
         self.explain_methods, self.explain_unavailable = _explain_support(classifier, settings)
+        self._explain_model: torch.nn.Module | None = None  # loaded on the first heat map
+        self._explain_model_lock = threading.Lock()
         self.input_size = list(classifier.transform(Image.new("RGB", (32, 32))).shape)
         self.checkpoint_hash: str | None = None
         self.num_classes = len(classifier.classes or [])
+        self.metrics.model.info({"name": classifier.name, "backend": classifier.backend,
+                                 "dtype": classifier.dtype})
         self.batcher.call(self._warm_up)
 
     def _warm_up(self) -> None:
@@ -82,9 +89,9 @@ class Service:
     def model_info(self) -> dict:
         c = self.classifier
         classes = list(c.classes) if c.classes else [str(i) for i in range(self.num_classes)]
-        return dict(name=c.name, backend=c.backend, classes=classes, input_size=self.input_size,
-                    checkpoint_hash=self.checkpoint_hash, max_batch=self.settings.max_batch,
-                    max_upload_mb=self.settings.max_upload_mb,
+        return dict(name=c.name, backend=c.backend, dtype=c.dtype, classes=classes,
+                    input_size=self.input_size, checkpoint_hash=self.checkpoint_hash,
+                    max_batch=self.settings.max_batch, max_upload_mb=self.settings.max_upload_mb,
                     explain_methods=self.explain_methods,
                     explain_unavailable=self.explain_unavailable, version=__version__)
 
@@ -95,25 +102,35 @@ class Service:
     # -- admission and time ----------------------------------------------------------------
 
     @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
-        """A place among the `queue_size` predictions in the service, or 503 at once."""
+    async def admitted(self, client: str) -> AsyncIterator[None]:
+        """A place among the `queue_size` predictions in the service, or 503 at once; and
+        among the `max_in_flight_per_client` of the client's address, or 429 at once."""
+        limit = self.settings.max_in_flight_per_client
+        if self.in_flight_by_client[client] >= limit:
+            self.metrics.client_limit_refusals.inc()
+            raise ServiceError(429, f"{limit} requests from {client} are already in progress; "
+                               "wait for their answers", headers={"Retry-After": "1"})
         if self.in_flight >= self.settings.queue_size:
             raise ServiceError(503, f"the service is full ({self.settings.queue_size} "
                                "requests in progress); retry shortly",
                                headers={"Retry-After": "1"})
         self.in_flight += 1
+        self.in_flight_by_client[client] += 1
         self.metrics.in_flight.inc()
         try:
             yield
         finally:
             self.in_flight -= 1
+            self.in_flight_by_client[client] -= 1
+            if not self.in_flight_by_client[client]:  # the table holds active clients only
+                del self.in_flight_by_client[client]
             self.metrics.in_flight.dec()
 
     async def within_time(self, work: Awaitable[T]) -> T:
         """The request's answer, or 504 when it takes longer than `timeout_s`."""
         try:
             return await asyncio.wait_for(work, self.settings.timeout_s)
-        except TimeoutError as error:
+        except asyncio.TimeoutError as error:  # Python 3.10's is not the builtin TimeoutError
             raise ServiceError(504, f"no answer within {self.settings.timeout_s:g} s; "
                                "the service is overloaded or the model is slow") from error
 
@@ -170,7 +187,7 @@ class Service:
     async def explain(self, image: Image.Image, method: str, target: int | None = None) -> dict:
         from vistra.explain import explain, overlay
 
-        model = self.classifier.model
+        model = await asyncio.get_running_loop().run_in_executor(self.pool, self.explain_model)
         # On the model thread: explanations hook into the model, which must not overlap a batch.
         job = self.batcher.call(lambda: explain(model, image, method=method, target=target))
         heat = await asyncio.wrap_future(job)
@@ -180,6 +197,19 @@ class Service:
         return {"method": heat.method, "target": int(heat.target),
                 "label": heat.label if heat.label is not None else self.label(int(heat.target)),
                 "probability": float(heat.probability), "overlay_png": png}
+
+    def explain_model(self) -> torch.nn.Module:
+        """The module heat maps are drawn with: the served one, or for a bf16 service an
+        fp32 copy loaded from the same file on the first heat map (once, whichever thread
+        asks first), so the maps are the fp32 service's, not bf16 gradients'."""
+        if self.classifier.dtype != "bf16":
+            return self.classifier.model
+        with self._explain_model_lock:
+            if self._explain_model is None:
+                log.info("loading an fp32 copy of %s for heat maps", self.classifier.name)
+                self._explain_model = load_classifier(self.classifier.source, backend="torch",
+                                                      dtype="fp32").model
+            return self._explain_model
 
     def close(self) -> None:
         self.batcher.stop()

@@ -16,16 +16,24 @@ class ServeSettings:
     # memory uploads can hold (32 x 20 MB).
     queue_size: int = 32
     timeout_s: float = 30.0  # per request, from arrival to answer; later gets 504
+    # Silence allowed while a body arrives; longer gets 408, so a client that stops sending
+    # frees its place instead of holding it until timeout_s.
+    read_timeout_s: float = 5.0
+    # Predictions one client address may have in the service (more get 429): one client
+    # cannot take every place of queue_size.
+    max_in_flight_per_client: int = 8
     preprocess_threads: int = 2  # threads decoding and transforming images
     max_megapixels: float = 40.0  # decoded size limit: a 40 MP RGB image is 120 MB
     max_aspect_ratio: float = 50.0  # long side / short side; beyond it nothing is recognisable
     explain: bool = False  # heat maps on request (?explain=METHOD): costly, so opt-in
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "queue_size", "preprocess_threads"):
+        for name in ("max_batch", "queue_size", "preprocess_threads",
+                     "max_in_flight_per_client"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
-        for name in ("max_upload_mb", "timeout_s", "max_megapixels", "max_aspect_ratio"):
+        for name in ("max_upload_mb", "timeout_s", "read_timeout_s", "max_megapixels",
+                     "max_aspect_ratio"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

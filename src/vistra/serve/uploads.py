@@ -5,13 +5,15 @@ disk), and an image's size and shape are checked from its header before any pixe
 decoded. Nothing here knows the web framework: `read_uploads` takes the body as an async
 iterable of byte chunks with its Content-Type (and Content-Length, when declared), and
 everything refused raises `UploadError`, which carries the HTTP status to answer and a
-one-line reason.
+one-line reason. A body that stops arriving for `read_timeout_s` raises `UploadTimedOut`
+(408), so a slow or stalled client frees its place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from PIL import Image
@@ -38,12 +40,21 @@ class UploadError(Exception):
         self.status, self.detail = status, detail
 
 
+class UploadTimedOut(UploadError):
+    """No byte of the body arrived for `read_timeout_s` (408): the client is too slow or gone."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"no part of the request body arrived for {seconds:g} s; "
+                         "send the whole body without pausing")
+
+
 async def read_uploads(chunks: AsyncIterable[bytes], content_type: str,
                        settings: ServeSettings, content_length: str | None = None
                        ) -> list[Upload]:
     """The uploaded files: the parts named `file` (or `files`) of a multipart body, or the
     whole body as one image. Past `settings.max_upload_mb` -> 413: from the declared
-    Content-Length before a byte is read, else as soon as the bytes counted pass it."""
+    Content-Length before a byte is read, else as soon as the bytes counted pass it. No
+    chunk for `settings.read_timeout_s` -> 408 (`UploadTimedOut`)."""
     limit = settings.max_upload_bytes
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise _too_large(int(content_length), settings)
@@ -58,7 +69,7 @@ async def read_uploads(chunks: AsyncIterable[bytes], content_type: str,
         feed, finish = raw.extend, lambda: [Upload("body", bytes(raw))] if raw else []
     received = 0
     try:
-        async for chunk in chunks:
+        async for chunk in _within_silence(chunks, settings.read_timeout_s):
             received += len(chunk)
             if received > limit:
                 raise _too_large(received, settings, more=True)
@@ -72,6 +83,21 @@ async def read_uploads(chunks: AsyncIterable[bytes], content_type: str,
                           "empty request body: send an image as multipart field 'file' "
                           "or as the body")
     return files
+
+
+async def _within_silence(chunks: AsyncIterable[bytes], seconds: float
+                          ) -> AsyncIterator[bytes]:
+    """The chunks as they come, or `UploadTimedOut` once none has come for `seconds`: a time
+    per chunk, not for the body, so a large upload on a slow but steady line still passes."""
+    stream = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), seconds)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError as error:  # Python 3.10's is not the builtin TimeoutError
+            raise UploadTimedOut(seconds) from error
+        yield chunk
 
 
 def decode_upload(upload: Upload, settings: ServeSettings) -> Image.Image:

@@ -155,7 +155,8 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
                         holdout: bool = False, flip: bool = False, batch_size: int = 64,
                         workers: int = 0, device: str = "cpu", backend: str = "auto",
-                        dtype: str = "fp32", shard: tuple[int, int] = (0, 1)
+                        dtype: str = "fp32", head: str = "mean",
+                        shard: tuple[int, int] = (0, 1)
                         ) -> tuple[EvalReport, list[tuple[Path, str]]]:
     """Evaluate a vistra checkpoint (or an .onnx file from `vistra export`) on an image
     folder; return the report and skipped files.
@@ -164,11 +165,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     (the val/test part is evaluated). With `holdout`, evaluate exactly the validation images
     that training held out of a class-per-folder `data` (same seed and fraction). Folders are
     matched to the checkpoint's classes by name; a folder may lack some classes. With `flip`,
-    each image's prediction is the mean of its own and its mirror image's. `backend` and
-    `dtype` as for vistra.runtime.load_classifier. `shard` (index, count): evaluate every
-    count-th image from index on, for one of count processes whose totals are then summed.
+    each image's prediction is the mean of its own and its mirror image's. `backend`,
+    `dtype` and `head` (a distilled model's mean, cls or dist head) as for
+    vistra.runtime.load_classifier. `shard` (index, count): evaluate every count-th image
+    from index on, for one of count processes whose totals are then summed.
     """
-    classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype)
+    classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype, head=head)
     if not classifier.classes:
         raise ValueError(f"{checkpoint} records no class names; save it with "
                          "save_checkpoint(..., classes=[...]) to evaluate it on a folder")

@@ -73,10 +73,13 @@ def decode_ahead(paths: Iterable[Path], load: Callable[[Path], torch.Tensor], wo
 
 def iter_predictions(model: nn.Module | Classifier, paths: Iterable[str | os.PathLike], *,
                      topk: int = 5, batch_size: int = 32, flip: bool = False,
-                     workers: int = 2) -> Iterator[Prediction | tuple[Path, str]]:
+                     workers: int = 2, head: str = "mean"
+                     ) -> Iterator[Prediction | tuple[Path, str]]:
     """Predictions streamed in input order: a Prediction per readable image, (path, reason)
-    for each unreadable one. Images are decoded by `workers` threads while the model runs."""
-    classifier = model if isinstance(model, Classifier) else module_classifier(model)
+    for each unreadable one. Images are decoded by `workers` threads while the model runs.
+    head: a distilled module's mean, cls or dist head (a Classifier answers with the head
+    it was loaded with)."""
+    classifier = model if isinstance(model, Classifier) else module_classifier(model, head)
     classes = classifier.classes
     if not classes:
         raise ValueError("the model has no class names (.classes); load it with "
@@ -114,17 +117,19 @@ def iter_predictions(model: nn.Module | Classifier, paths: Iterable[str | os.Pat
 @torch.no_grad()
 def predict_images(model: nn.Module | Classifier, paths: Iterable[str | os.PathLike], *,
                    topk: int = 5, batch_size: int = 32, flip: bool = False,
-                   workers: int = 2) -> tuple[list[Prediction], list[tuple[Path, str]]]:
+                   workers: int = 2, head: str = "mean"
+                   ) -> tuple[list[Prediction], list[tuple[Path, str]]]:
     """Top-k predictions for each readable image, in input order; unreadable ones come back
     with a reason. With `flip`, each image's probabilities are the mean of its own and its
     mirror image's. Decoding runs in `workers` threads beside the model.
 
     `model` is a Classifier (vistra.runtime.load_classifier: PyTorch or onnxruntime) or a
-    module with `.classes` and `.data_config` (as from vistra.weights.load_checkpoint).
+    module with `.classes` and `.data_config` (as from vistra.weights.load_checkpoint), of
+    which a distilled one answers with `head` (mean, cls or dist).
     """
     predictions, failed = [], []
     for item in iter_predictions(model, paths, topk=topk, batch_size=batch_size, flip=flip,
-                                 workers=workers):
+                                 workers=workers, head=head):
         (predictions if isinstance(item, Prediction) else failed).append(item)
     return predictions, failed
 

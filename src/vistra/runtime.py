@@ -28,6 +28,37 @@ def mean_logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor
     return torch.stack(output).mean(0) if isinstance(output, tuple) else output
 
 
+# Which logits of a distilled DeiT to use: its class head's, its distillation head's, or
+# their mean (what it answers in eval mode, and what any other model's one head gives).
+HEADS = ("mean", "cls", "dist")
+
+
+def is_distilled(model: torch.nn.Module) -> bool:
+    """Whether the model has a distillation head besides its class head (DeiT)."""
+    return bool(getattr(model.arch, "distilled", False))
+
+
+def head_logits(model: torch.nn.Module, head: str = "mean"
+                ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """batch -> the logits of `head` (HEADS) of `model` in eval mode; cls and dist only for
+    a distilled model."""
+    check_head(head, is_distilled(model), getattr(model, "name", type(model).__name__))
+    if head == "mean":
+        return lambda batch: mean_logits(model(batch))
+    index = HEADS.index(head) - 1  # DistilledLogits: (class head, distillation head)
+    return lambda batch: model.forward_heads(batch)[index]
+
+
+def check_head(head: str, distilled: bool, name: str) -> None:
+    """Refuse a head the model does not have."""
+    if head not in HEADS:
+        raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {head!r}")
+    if head != "mean" and not distilled:
+        raise ValueError(f"--head {head} is for distilled models (a class and a distillation "
+                         f"head: deit_*_distilled, or trained with distilled: true); {name} "
+                         "has one head: use --head mean (the default)")
+
+
 @dataclass
 class Classifier:
     """What every backend offers: `transform` turns a PIL image into the model's input
@@ -44,6 +75,7 @@ class Classifier:
     model: torch.nn.Module | None = None  # the PyTorch module, when the backend has one
     _sha256: str | None = None
     dtype: str = "fp32"  # what the backend computes in: fp32, bf16 or int8
+    head: str = "mean"  # a distilled model's head it answers with (HEADS)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -61,33 +93,37 @@ BACKENDS = ("auto", "torch", "onnx")
 
 
 def torch_classifier(path: str | os.PathLike, device: str = "cpu",
-                     dtype: str = "fp32") -> Classifier:
-    """A vistra checkpoint in PyTorch eager mode (distilled DeiT: the mean of its heads),
-    made ready by vistra.optimize; dtype bf16 casts the model to bf16 once, logits come back
-    in fp32."""
+                     dtype: str = "fp32", head: str = "mean") -> Classifier:
+    """A vistra checkpoint in PyTorch eager mode (a distilled DeiT: the mean of its heads,
+    or the one `head` names), made ready by vistra.optimize; dtype bf16 casts the model to
+    bf16 once, logits come back in fp32."""
     dev = torch.device(device)
     compute = torch.bfloat16 if dtype == "bf16" else torch.float32
     model = optimize(load_checkpoint(path, device=device), compute)
+    logits = head_logits(model, head)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return mean_logits(model(batch.to(dev, compute))).float().cpu()
+        return logits(batch.to(dev, compute)).float().cpu()
 
     return Classifier(model.name, model.classes, model.data_config, model.arch.in_chans,
-                      Path(path), "torch", eval_transform(model), run, model=model, dtype=dtype)
+                      Path(path), "torch", eval_transform(model), run, model=model, dtype=dtype,
+                      head=head)
 
 
-def module_classifier(model: torch.nn.Module) -> Classifier:
+def module_classifier(model: torch.nn.Module, head: str = "mean") -> Classifier:
     """A model in hand (with .name, .classes, .data_config, .arch) as a Classifier."""
     device = next(model.parameters()).device
+    logits = head_logits(model, head)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return mean_logits(model.eval()(batch.to(device))).float().cpu()
+        model.eval()
+        return logits(batch.to(device)).float().cpu()
 
     return Classifier(getattr(model, "name", type(model).__name__), getattr(model, "classes", None),
                       model.data_config, model.arch.in_chans, Path(), "torch",
-                      eval_transform(model), run, model=model)
+                      eval_transform(model), run, model=model, head=head)
 
 
 def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
@@ -114,14 +150,22 @@ def resolve_backend(path: str | os.PathLike, backend: str = "auto") -> str:
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
-                    dtype: str = "fp32") -> Classifier:
+                    dtype: str = "fp32", head: str = "mean") -> Classifier:
     """The classifier a file holds. backend: see resolve_backend; onnx for a .safetensors
     exports it in memory first. dtype: fp32 (the default, the same numbers on every
-    machine), bf16, or auto: see resolve_dtype (the chosen one is in `.dtype`)."""
+    machine), bf16, or auto: see resolve_dtype (the chosen one is in `.dtype`). head: for a
+    distilled DeiT, mean (the default: what it answers in eval mode), cls (its class head)
+    or dist (its distillation head); the torch backend only, as an exported graph holds
+    the mean."""
     backend = resolve_backend(path, backend)
     chosen = resolve_dtype(dtype, backend, device)
     if backend == "onnx":
+        check_head(head, True, str(path))  # a known name; then only the mean is there
+        if head != "mean":
+            raise ValueError(f"--head {head} needs the torch backend: an exported graph "
+                             "answers with the mean of a distilled model's heads; use the "
+                             ".safetensors checkpoint with --backend torch")
         if torch.device(device).type != "cpu":
             raise ValueError("the onnx backend runs on the CPU; use --device cpu")
         return onnx_classifier(path)
-    return torch_classifier(path, device=device, dtype=chosen)
+    return torch_classifier(path, device=device, dtype=chosen, head=head)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         report, skipped = evaluate_checkpoint(
             args.checkpoint, args.data, holdout=args.holdout, flip=args.tta_flip,
             batch_size=args.batch_size, workers=args.workers, device=str(ctx.device),
-            backend=backend, dtype=dtype, shard=(ctx.rank, ctx.world_size))
+            backend=backend, dtype=dtype, head=args.head, shard=(ctx.rank, ctx.world_size))
         if ctx.distributed:  # each process evaluated a shard: add up the totals
             summed = all_reduce_sum(report.totals.as_tensor(), ctx)
             report = EvalReport(report.classes,

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from vistra.accel.capabilities import DTYPES, cpu_has_bf16
-from vistra.runtime import BACKENDS
+from vistra.runtime import BACKENDS, HEADS
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -19,6 +19,10 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
                    help="torch backend: fp32, or bf16 (the model cast once; faster "
                         "where the CPU has bf16 arithmetic, AVX512_BF16 or AMX; emulated and "
                         "slow elsewhere); auto (default) picks by the CPU and says which")
+    p.add_argument("--head", choices=HEADS, default="mean",
+                   help="a distilled model's (deit_*_distilled) logits: mean of its two heads "
+                        "(default, as it answers), cls (its class head) or dist (its "
+                        "distillation head), to see what each has learnt; torch backend")
     p.epilog = ("Under torchrun (e.g. `torchrun --nproc-per-node 2 -m vistra ...`) the inputs "
                 "are split across the processes and rank 0 prints the merged result, the same "
                 "as one process would.")

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(args.device)
     with process_group(ctx):
         classifier = load_classifier(args.checkpoint, str(ctx.device), backend=args.backend,
-                                     dtype=args.dtype)
+                                     dtype=args.dtype, head=args.head)
         if ctx.is_main:
             report_dtype(classifier.dtype, classifier.backend, args.dtype)
         images, failed = find_images(args.paths)

@@ -108,6 +108,13 @@ class VistraModel(nn.Module):
         return {name for name, _ in self.named_parameters()
                 if name.rsplit(".", 1)[-1] in self.no_weight_decay_names}
 
+    def layer_ids(self) -> dict[str, int]:
+        """Each parameter's depth, for layer-wise learning-rate decay (BEiT): 0 for the
+        embeddings, one more per block from the input on, the highest for what follows the
+        last block (final norm, head). A family whose models do not define it has none."""
+        raise ValueError(f"{self.card.family} models do not define layer_ids(), the depth of "
+                         "each parameter that layer-wise learning-rate decay needs")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of keeping them
         from the forward: less memory for about one more forward of compute."""

@@ -286,6 +286,26 @@ class SwinTransformer(VistraModel):
         init_weights(self.head)
         self._set_num_classes(num_classes)
 
+    def layer_ids(self) -> dict[str, int]:
+        """BEiT's depths with the blocks counted across the stages: 0 the patch embedding,
+        k + 1 the k-th block, a patch merging that of the block before it (as SimMIM's
+        fine-tuning), the highest the final norm and the head."""
+        starts = [sum(self.cfg.depths[:i]) for i in range(len(self.cfg.depths) + 1)]
+        top = starts[-1] + 1
+
+        def layer(name: str) -> int:
+            parts = name.split(".")
+            if parts[0] == "patch_embed":
+                return 0
+            if parts[0] != "layers":
+                return top
+            stage = int(parts[1])
+            if parts[2] == "downsample":
+                return starts[stage]
+            return starts[stage] + int(parts[3]) + 1  # layers.<stage>.blocks.<block>...
+
+        return {name: layer(name) for name, _ in self.named_parameters()}
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
         for stage in self.layers:

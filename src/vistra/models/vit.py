@@ -261,6 +261,28 @@ class VisionTransformer(VistraModel):
             return DistilledLogits(logits, logits_dist)
         return (logits + logits_dist) / 2
 
+    def forward_heads(self, x: torch.Tensor) -> DistilledLogits:
+        """[B, C, H, W] -> a distilled model's two heads' logits, in eval mode too (where
+        forward returns their mean): to see what each head has learnt."""
+        if not self.cfg.distilled:
+            raise ValueError(f"{self.name} has one head; forward_heads is for distilled models")
+        x = self.forward_features(x)
+        cls = x[:, 0] if self.pre_logits is None else self.pre_logits(x[:, 0])
+        return DistilledLogits(self.head(cls), self.head_dist(x[:, 1]))
+
+    def layer_ids(self) -> dict[str, int]:
+        """BEiT's depths: 0 the patch embedding, tokens and position embedding, i + 1 block
+        i, depth + 1 the final norm and the head(s)."""
+        top = len(self.blocks) + 1
+
+        def layer(name: str) -> int:
+            first, _, rest = name.partition(".")
+            if first == "blocks":
+                return int(rest.partition(".")[0]) + 1
+            return 0 if first in ("patch_embed", "cls_token", "dist_token", "pos_embed") else top
+
+        return {name: layer(name) for name, _ in self.named_parameters()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | DistilledLogits:
         """Logits [B, classes]; a distilled model in training: DistilledLogits."""
         return self.forward_head(self.forward_features(x))

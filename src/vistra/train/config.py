@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 OPTIMIZERS = ("adamw", "sgd")
+DISTILL_KINDS = ("hard", "soft")
+BALANCE_MODES = ("sampler", "loss")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -96,6 +98,46 @@ class TrainConfig:
                                            "pass instead of keeping them: a ViT-S/16 step at "
                                            "batch 8 peaks at 125 instead of 458 MiB and takes "
                                            "a third longer (benchmarks/grad_checkpointing.py)")
+    # --- fine-tuning ---
+    layer_decay: float | None = _opt(None, "layer-wise learning-rate decay (BEiT): the head "
+                                           "trains at lr, each block below at the one above's "
+                                           "lr times this, the embeddings lowest (ViT and "
+                                           "Swin; 0.65-0.85 is usual; default: off, one lr)")
+    accum_steps: int = _opt(1, "batches whose gradients are summed into one optimizer step: "
+                               "the update of a batch N times larger (exactly so for models "
+                               "without BatchNorm) in the memory of one; the schedule counts "
+                               "optimizer steps")
+    balance: str | None = _opt(None, "for classes of unequal size: sampler (draw every class "
+                                     "equally often, with replacement) or loss (weigh each "
+                                     "class's loss by the inverse of its frequency); "
+                                     "default: off", choices=BALANCE_MODES)
+    patience: int | None = _opt(None, "stop after N epochs without a better validation top-1 "
+                                      "(best.safetensors keeps the best; default: train every "
+                                      "epoch)")
+    # --- distillation ---
+    teacher: str | None = _opt(None, "a model to learn from besides the labels (DeiT's "
+                                     "distillation): a vistra checkpoint (from `vistra train` "
+                                     "or `vistra convert`), an .onnx file from `vistra export`, "
+                                     "or a weights name in the local HuggingFace cache. It "
+                                     "must have the folder's classes; it runs without "
+                                     "gradients on each augmented batch, in its own size, "
+                                     "channels and normalisation", metavar="MODEL")
+    distill: str | None = _opt(None, "what the student learns from the teacher: hard (its top "
+                                     "class, by cross-entropy) or soft (its probabilities at "
+                                     "temperature distill_tau, by KL divergence). A distilled "
+                                     "student (deit_*_distilled, or distilled: true) learns it "
+                                     "in its distillation head, the class head the labels. "
+                                     "Default: hard for a distilled student, soft for others",
+                               choices=DISTILL_KINDS)
+    distill_alpha: float = _opt(0.5, "the teacher's share of the loss: (1 - alpha) * label loss "
+                                     "+ alpha * teacher loss")
+    distill_tau: float = _opt(1.0, "temperature of soft distillation (the loss is scaled by "
+                                   "its square)")
+    teacher_sha256: str | None = _opt(None, "the SHA-256 the teacher must have (of its file; of "
+                                            "its weights for a cached name). A run records its "
+                                            "teacher's in config.yaml, so rerunning that file "
+                                            "or resuming refuses another teacher",
+                                      metavar="HEX")
     # --- run ---
     seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "
@@ -125,6 +167,33 @@ class TrainConfig:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
         if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
             raise ValueError(f"bf16 must be true, false or auto, got {self.bf16!r}")
+        self._check_fine_tuning()
+        self._check_distillation()
+
+    def _check_fine_tuning(self) -> None:
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps must be 1 or more, got {self.accum_steps}")
+        if self.balance not in (None, *BALANCE_MODES):
+            raise ValueError(f"balance must be {' or '.join(BALANCE_MODES)}, "
+                             f"got {self.balance!r}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be 1 or more epochs, got {self.patience}")
+
+    def _check_distillation(self) -> None:
+        if self.distill not in (None, *DISTILL_KINDS):
+            raise ValueError(f"distill must be {' or '.join(DISTILL_KINDS)}, "
+                             f"got {self.distill!r}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.distill_tau <= 0:
+            raise ValueError(f"distill_tau must be positive, got {self.distill_tau}")
+        if self.teacher is None:
+            given = [name for name in ("distill", "teacher_sha256") if getattr(self, name)]
+            if given:
+                raise ValueError(f"{' and '.join(given)} need a teacher: pass --teacher "
+                                 "or set `teacher:`")
 
     def require_inputs(self) -> None:
         """Training needs a folder and a model; a config file may leave them to the CLI."""

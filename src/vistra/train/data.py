@@ -8,6 +8,7 @@ an interrupted run resume with exactly the augmentations it would have seen.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,7 @@ from .config import TrainConfig
 from .distributed import DistContext
 
 _MIX = 1_000_003  # a prime, so different (seed, epoch, index) give different seeds
+_REPEAT = 1 << 40  # beyond any dataset's size: a repeat's index never meets an image's
 
 
 def draw_seed(seed: int, epoch: int, index: int) -> int:
@@ -35,9 +37,9 @@ def draw_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSeededSampler(Sampler):
-    """Wraps a sampler; yields (index, seed of that image in this epoch)."""
+    """Wraps a sampler; yields (index, seed of that image's draw in this epoch)."""
 
-    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+    def __init__(self, sampler: DistributedSampler | ClassBalancedSampler, seed: int) -> None:
         self.sampler = sampler
         self.seed = seed
         self.epoch = 0
@@ -47,10 +49,47 @@ class EpochSeededSampler(Sampler):
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((i, draw_seed(self.seed, self.epoch, i)) for i in self.sampler)
+        drawn: Counter[int] = Counter()
+        for i in self.sampler:
+            # An image drawn again in the epoch (class-balanced sampling) gets new draws.
+            yield i, draw_seed(self.seed, self.epoch, i + drawn[i] * _REPEAT)
+            drawn[i] += 1
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+class ClassBalancedSampler(Sampler):
+    """Draws, with replacement, as many images per epoch as the training set holds, each
+    class equally often on average (an image's chance is 1 / (classes x its class's size));
+    each process takes its share. The draws depend on (seed, epoch) only, as
+    DistributedSampler's order does, so a resumed run draws the same images."""
+
+    def __init__(self, labels: list[int], num_replicas: int, rank: int, seed: int) -> None:
+        counts = torch.bincount(torch.tensor(labels))
+        self.weights = 1.0 / counts[labels].double()
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.num_samples = -(-len(labels) // num_replicas)  # per process, as DistributedSampler
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.num_samples * self.num_replicas,
+                                  replacement=True, generator=generator)
+        return iter(drawn[self.rank::self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def class_weights(labels: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency loss weights, n / (classes x n_c): 1 for every class of a balanced
+    set, and 1 on average over the images of any set."""
+    counts = torch.bincount(torch.tensor(labels), minlength=num_classes).double()
+    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
 
 
 class SeededDataset(Dataset):
@@ -92,14 +131,19 @@ def train_transform(model: nn.Module, cfg: TrainConfig) -> Transform:
 
 def build_loaders(split: DatasetSplit, model: nn.Module, cfg: TrainConfig,
                   ctx: DistContext) -> tuple[DataLoader, EpochSeededSampler, DataLoader]:
-    """Train loader (shuffled per epoch, sharded over processes) and this process's share of
-    the validation images (every image counted once over all processes)."""
+    """Train loader (shuffled per epoch, or drawn class-balanced with balance "sampler";
+    sharded over processes) and this process's share of the validation images (every image
+    counted once over all processes)."""
     images = dict(cache=cfg.cache_images, channels=model.arch.in_chans, decoded=split.images)
     train_set = SeededDataset(ImageFolderDataset(split.train, train_transform(model, cfg),
                                                     **images))
-    sampler = EpochSeededSampler(
-        DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed),
-        cfg.seed)
+    if cfg.balance == "sampler":
+        order = ClassBalancedSampler([label for _, label in split.train], ctx.world_size,
+                                     ctx.rank, cfg.seed)
+    else:
+        order = DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True,
+                                   seed=cfg.seed)
+    sampler = EpochSeededSampler(order, cfg.seed)
     val_set = Subset(ImageFolderDataset(split.val, eval_transform(model), **images),
                      range(ctx.rank, len(split.val), ctx.world_size))
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.workers,

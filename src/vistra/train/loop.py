@@ -18,14 +18,13 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -43,13 +42,13 @@ from vistra.data import (
 from vistra.evaluate import EvalTotals, run_evaluation
 from vistra.factory import create_model
 from vistra.fileio import atomic_write_text
-from vistra.runtime import mean_logits
+from vistra.runtime import is_distilled, mean_logits
 from vistra.weights import save_checkpoint
 
 from .budget import replan, warmup_end
 from .checkpoint import BEST, LAST, load_training_state, locked_run_dir, save_training_state
 from .config import TrainConfig, config_from_dict
-from .data import build_loaders, draw_seed
+from .data import build_loaders, class_weights, draw_seed
 from .distributed import (
     DistContext,
     all_reduce_sum,
@@ -60,13 +59,17 @@ from .distributed import (
 )
 from .ema import ModelEma
 from .logger import RunLogger, read_metrics
+from .loss import Distillation, Objective
 from .optim import build_optimizer, build_scheduler, set_schedule_length
-from .params import freeze_all_but_head
+from .params import describe_layer_decay, freeze_all_but_head
 from .state import Best, RunIdentity, RunState
+from .teacher import InputFormat, Teacher, TeacherIdentity, TeacherModel, load_teacher
 
 # Options a resumed run may change: none alters what the schedule has done or will do,
-# nor which images it trains on (lr scales the rest of the schedule, e.g. after a divergence).
-RESUME_OVERRIDES = ("lr", "clip_grad", "device", "workers", "threads", "cache_images", "quiet")
+# nor which images it trains on (lr scales the rest of the schedule, e.g. after a divergence;
+# teacher: the same teacher from another place, its SHA-256 checked).
+RESUME_OVERRIDES = ("lr", "clip_grad", "device", "workers", "threads", "cache_images", "quiet",
+                    "teacher")
 
 
 @dataclass
@@ -113,6 +116,10 @@ def resume(run_dir: str | Path, device: str | None = None, **overrides) -> Train
         saved = on_main(load, ctx)
         cfg = replace(config_from_dict(saved["config"], source=str(run_dir / LAST)),
                       **{**overrides, "device": device})
+        if "teacher" in overrides and (cfg.teacher is None) != (cfg.teacher_sha256 is None):
+            had = "without a teacher" if cfg.teacher_sha256 is None else "with a teacher"
+            raise ValueError(f"the run in {run_dir} was trained {had}; resume it as it was, or "
+                             f"start a new run with --config {run_dir / 'config.yaml'}")
         return _fit(cfg, ctx, run_dir, saved)
 
 
@@ -140,13 +147,13 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) 
     clock -= sum(run.epoch_times)
     cfg = run.cfg  # with bf16 resolved
     with _stops_explained(run):
-        while run.epoch < run.planned:
+        while run.epoch < run.planned and not run.out_of_patience:
             run.epoch += 1
             start = time.perf_counter()
             run.sampler.set_epoch(run.epoch)
             train_loss, train_acc = train_one_epoch(run.net, run.train_loader, run.optimizer,
                                                     run.scheduler, cfg, ctx, run.epoch, run.ema,
-                                                    run.mixer, run.planned)
+                                                    run.mixer, run.planned, run.objective)
             record, (which, top1, weights) = _validate_epoch(run, train_loss, train_acc)
             improved = top1 > run.best.top1
             if improved:
@@ -159,6 +166,9 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) 
             if ctx.is_main:
                 _save_epoch(run, record, weights if improved else None, replanned)
     best = run.best
+    if run.out_of_patience and run.epoch < run.planned:
+        _say(ctx, cfg, f"stopped after epoch {run.epoch} of {run.planned}: no better validation "
+                       f"top-1 in {cfg.patience} epoch(s) (patience {cfg.patience})")
     _say(ctx, cfg, f"best validation top-1 {best.top1:.2%} (epoch {best.epoch}, "
                    f"{best.weights} weights) -> {run_dir / BEST}")
     return TrainResult(run_dir, best.top1, best.epoch, best.weights,
@@ -172,7 +182,11 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg = resolve_bf16(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
-    split = _prepare_data(cfg, ctx, run_dir)
+    teacher = None
+    if cfg.teacher:  # every process runs its own copy on its own batches
+        teacher = load_teacher(cfg.teacher, ctx.device)
+        cfg = _pin_teacher(cfg, teacher.identity, run_dir, saved)
+    split = _prepare_data(cfg, ctx, run_dir, teacher.identity if teacher else None)
     if saved is not None and saved["classes"] != split.classes:
         raise ValueError(f"{cfg.data} now has classes {split.classes}, the run in {run_dir} "
                          f"was trained on {saved['classes']}; resume needs the same folders")
@@ -186,16 +200,18 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
     split.images.clear()  # the loaders' caches hold them now, in the model's mode
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, len(train_loader))
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)  # optimizer steps
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mixer = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixer = MixupCutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob,
                             cfg.mix_switch_prob, cfg.label_smoothing)
     run = RunState(cfg, ctx, run_dir, split,
-                   RunIdentity.of(split, cfg.data, ctx.world_size, len(train_loader)),
+                   RunIdentity.of(split, cfg.data, ctx.world_size, steps_per_epoch),
                    model=model, net=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                    train_loader=train_loader, sampler=sampler, val_loader=val_loader,
-                   mixer=mixer)
+                   mixer=mixer, objective=_objective(cfg, ctx, model, split, teacher))
+    _describe_optimisation(run)
     if saved is not None:
         run.load_state_dict(saved)
     if ctx.distributed:
@@ -204,6 +220,62 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     if ctx.is_main:
         _open_run_files(run, resumed=saved is not None)
     return run
+
+
+def _pin_teacher(cfg: TrainConfig, identity: TeacherIdentity, run_dir: Path,
+                 saved: dict | None) -> TrainConfig:
+    """`cfg` with teacher_sha256 set to the teacher's, so config.yaml and last.ckpt record
+    it; refused if it was set (by a recipe, or by the run a resume continues) to another."""
+    if cfg.teacher_sha256 is None:
+        return replace(cfg, teacher_sha256=identity.sha256)
+    if cfg.teacher_sha256 == identity.sha256:
+        return cfg
+    found = f"sha256 {cfg.teacher_sha256[:12]}..., now {identity.sha256[:12]}..."
+    if saved is None:
+        raise ValueError(f"teacher {cfg.teacher} is not the one teacher_sha256 names ({found}); "
+                         "give that teacher, or drop teacher_sha256 to accept this one")
+    was = saved["config"]["teacher"]
+    what = f"its teacher {was} has changed" if was == cfg.teacher else \
+        f"it learnt from the teacher {was}, {cfg.teacher} is another"
+    raise ValueError(f"cannot resume the run in {run_dir}: {what} ({found}); resume it with "
+                     "the teacher it started with, or start a new run")
+
+
+def _objective(cfg: TrainConfig, ctx: DistContext, model: nn.Module, split: DatasetSplit,
+               teacher: TeacherModel | None) -> Objective:
+    """The loss settings: inverse-frequency class weights (balance "loss") and the teacher
+    fitted to the student's input format and the folder's classes."""
+    weights = None
+    if cfg.balance == "loss":
+        labels = [label for _, label in split.train]
+        weights = class_weights(labels, len(split.classes)).to(ctx.device)
+    if teacher is None:
+        return Objective(weights)
+    student = InputFormat.of(model.data_config, model.arch.in_chans)
+    distilled = is_distilled(model)
+    kind = cfg.distill or ("hard" if distilled else "soft")
+    distillation = Distillation(kind, cfg.distill_alpha, cfg.distill_tau)
+    fitted = Teacher.fit(teacher, student, split.classes)
+    who = teacher.identity
+    learns = "its top class" if kind == "hard" else \
+        f"its probabilities at tau {cfg.distill_tau:g}"
+    _say(ctx, cfg, f"teacher: {who.model} from {who.file} (sha256 {who.sha256[:12]}..., "
+                   f"{teacher.dtype}, {teacher.input_format}); the student's "
+                   f"{'distillation head' if distilled else 'loss'} learns {learns}, "
+                   f"alpha {cfg.distill_alpha:g}")
+    return Objective(weights, fitted, distillation)
+
+
+def _describe_optimisation(run: RunState) -> None:
+    """Say, once, the layer-decay groups and the images each optimizer step learns from."""
+    cfg, ctx = run.cfg, run.ctx
+    if cfg.layer_decay is not None:
+        _say(ctx, cfg, describe_layer_decay(run.optimizer.param_groups, cfg.layer_decay))
+    if cfg.accum_steps > 1 or ctx.world_size > 1:
+        processes = f" x {ctx.world_size} processes" if ctx.world_size > 1 else ""
+        _say(ctx, cfg, f"effective batch: {cfg.batch_size} images x {cfg.accum_steps} "
+                       f"accumulation step(s){processes} = "
+                       f"{cfg.batch_size * cfg.accum_steps * ctx.world_size} per optimizer step")
 
 
 def _open_run_files(run: RunState, resumed: bool) -> None:
@@ -232,13 +304,16 @@ def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
     return replace(cfg, bf16=on)
 
 
-def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
+def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
+                  teacher: TeacherIdentity | None) -> DatasetSplit:
     """Rank 0 scans (decoding every file once), reports and writes the class files; the
     other ranks get the split without the images (they decode their own shards)."""
-    return on_main(lambda: _scan(cfg, ctx, run_dir), ctx, send=lambda s: replace(s, images={}))
+    return on_main(lambda: _scan(cfg, ctx, run_dir, teacher), ctx,
+                   send=lambda s: replace(s, images={}))
 
 
-def _scan(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
+def _scan(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
+          teacher: TeacherIdentity | None) -> DatasetSplit:
     # Cached images are kept from the scan, which decodes every file anyway.
     split = scan_image_folder(cfg.data, cfg.val_fraction, cfg.seed, keep_images=cfg.cache_images)
     if not split.val:
@@ -249,7 +324,10 @@ def _scan(cfg: TrainConfig, ctx: DistContext, run_dir: Path) -> DatasetSplit:
         for path, reason in split.skipped:
             print(f"  {path}: {reason}", file=sys.stderr)
     # The resolved options, reusable as a recipe: vistra train --config RUN/config.yaml
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    header = "" if teacher is None else \
+        f"# teacher: {teacher.model} from {teacher.file}, sha256 {teacher.sha256}\n"
+    atomic_write_text(run_dir / "config.yaml",
+                      header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_class_indices(split.classes, run_dir / "class_indices.json")
     plot_class_counts(split, run_dir / "class_counts.png")
     where = "given train/val folders" if split.split_source == "folders" else \
@@ -272,51 +350,75 @@ def _build_model(cfg: TrainConfig, num_classes: int, pretrained: str | None) -> 
     return model
 
 
-def _loss(output, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy; a distilled model's two heads both learn the labels (mean of losses)."""
-    outputs = output if isinstance(output, tuple) else (output,)
-    return sum(F.cross_entropy(o.float(), targets, label_smoothing=label_smoothing)
-               for o in outputs) / len(outputs)
+def _loss(output, goal: torch.Tensor, smoothing: float, teacher_logits: torch.Tensor | None,
+          objective: Objective) -> torch.Tensor:
+    """The batch's loss (vistra.train.loss): the labels', and the teacher's if there is one."""
+    return objective.loss(output, goal, teacher_logits, smoothing)
+
+
+def _steps(batches: Iterable, accum_steps: int) -> Iterator[list]:
+    """The batches grouped by optimizer step: `accum_steps` at a time, the epoch's last
+    group what remains."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == accum_steps:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig,
                     ctx: DistContext, epoch: int, ema: ModelEma | None,
-                    mixer: MixupCutmix | None, epochs: int) -> tuple[float, float]:
+                    mixer: MixupCutmix | None, epochs: int,
+                    objective: Objective | None = None) -> tuple[float, float]:
     """One pass over this process's shard; returns (loss, accuracy) over all processes.
 
-    Accuracy is of the argmax against the image's own label (under mixup, the label of the
-    image that dominates the blend only by chance, so it reads low).
+    Each optimizer step follows cfg.accum_steps batches, each batch's loss weighed by its
+    share of the step's images: the gradient of the mean loss over them all, as one batch
+    of them would give. Accuracy is of the argmax against the image's own label (under
+    mixup, the label of the image that dominates the blend only by chance, so it reads low).
     """
+    objective = objective or Objective()
     model.train()
     torch.manual_seed(draw_seed(cfg.seed, epoch, -1 - ctx.rank))  # dropout, mixup draws
     sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                disable=not ctx.is_main or cfg.quiet, dynamic_ncols=True)
     start = time.perf_counter()
-    for images, targets in bar:
-        images = images.to(ctx.device, non_blocking=True)
-        targets = targets.to(ctx.device, non_blocking=True)
-        goal, smoothing = targets, cfg.label_smoothing
-        if mixer is not None:  # soft targets, already smoothed
-            images, goal = mixer(images, targets)
-            smoothing = 0.0
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            output = model(images)
-        loss = _loss(output, goal, smoothing)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; lower --lr, "
-                                     "add --warmup-epochs or --clip-grad")
+    for group in _steps(bar, cfg.accum_steps):
+        step_images = sum(targets.shape[0] for _, targets in group)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, (images, targets) in enumerate(group):
+            images = images.to(ctx.device, non_blocking=True)
+            targets = targets.to(ctx.device, non_blocking=True)
+            goal, smoothing = targets, cfg.label_smoothing
+            if mixer is not None:  # soft targets, already smoothed
+                images, goal = mixer(images, targets)
+                smoothing = 0.0
+            teacher = objective.teacher
+            teacher_logits = teacher(images) if teacher is not None else None
+            # DDP averages the gradients over processes at the step's last batch only.
+            last = i == len(group) - 1
+            with nullcontext() if last or not isinstance(model, DistributedDataParallel) \
+                    else model.no_sync():
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    output = model(images)
+                loss = _loss(output, goal, smoothing, teacher_logits, objective)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; "
+                                             "lower --lr, add --warmup-epochs or --clip-grad")
+                (loss * (targets.shape[0] / step_images)).backward()
+            n = targets.shape[0]
+            correct = (mean_logits(output).argmax(1) == targets).sum().item()
+            sums += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
         if cfg.clip_grad:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         scheduler.step()
         if ema is not None:
             ema.update(_unwrap(model))
-        n = targets.shape[0]
-        correct = (mean_logits(output).argmax(1) == targets).sum().item()
-        sums += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
         seconds = time.perf_counter() - start
         bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.1%}",
                         img_s=f"{sums[2] * ctx.world_size / seconds:.0f}", refresh=False)
@@ -342,7 +444,7 @@ def _validate_epoch(run: RunState, train_loss: float,
     val = _validate(run.model, run.val_loader, num_classes, run.cfg, run.ctx)
     record = {"epoch": run.epoch, "train_loss": train_loss, "train_acc": train_acc,
               "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
-              "lr": run.optimizer.param_groups[0]["lr"]}
+              "lr": max(group["lr"] for group in run.optimizer.param_groups)}
     candidates = [("model", val.top1, run.model)]
     if run.ema is not None:
         ema_val = _validate(run.ema.module, run.val_loader, num_classes, run.cfg, run.ctx)
@@ -376,7 +478,8 @@ def _save_epoch(run: RunState, record: dict, improved: nn.Module | None,
                         extra={"split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed,
                                          "source": run.split.split_source},
                                "train_config": cfg.to_dict(), "epoch": best.epoch,
-                               "top1": best.top1, "weights": best.weights})
+                               "top1": best.top1, "weights": best.weights,
+                               **_teacher_record(run.objective)})
     save_training_state(run.state_dict(), run.run_dir / LAST)
     run.checkpointed = run.epoch
     run.logger.log(record)
@@ -385,6 +488,15 @@ def _save_epoch(run: RunState, record: dict, improved: nn.Module | None,
         _say(run.ctx, cfg, f"time budget {cfg.time_budget:g} min: epochs take "
                            f"{statistics.median(run.epoch_times):.0f} s, {run.planned} fit; "
                            f"the schedule now ends with epoch {run.planned}")
+
+
+def _teacher_record(objective: Objective) -> dict:
+    """The teacher's identity and settings for best.safetensors' metadata (none without)."""
+    if objective.teacher is None:
+        return {}
+    settings = objective.distillation
+    return {"teacher": {**objective.teacher.model.identity.to_dict(), "distill": settings.kind,
+                        "alpha": settings.alpha, "tau": settings.tau}}
 
 
 @contextmanager

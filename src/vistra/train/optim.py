@@ -12,8 +12,11 @@ from .params import param_groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov off, as the reference ViT recipe) or AdamW."""
-    groups = param_groups(model, cfg.weight_decay)
+    """SGD (momentum, Nesterov off, as the reference ViT recipe) or AdamW; each parameter
+    group at lr times its `lr_scale` (layer decay's, else 1)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
     # foreach: one fused call per group instead of a Python loop over the parameters, the
     # default on GPUs only; on a CPU it makes a small model's step faster too.
     if cfg.optimizer == "sgd":
@@ -42,8 +45,8 @@ class WarmupCosine:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step, so short runs and warmup of a fraction of an epoch
-    behave smoothly."""
+    """Stepped once per optimizer step (`steps_per_epoch` of them: with accumulation, fewer
+    than batches), so short runs and warmup of a fraction of an epoch behave smoothly."""
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(total, warmup, cfg.lrf))
@@ -65,9 +68,10 @@ def set_schedule_length(scheduler: torch.optim.lr_scheduler.LambdaLR, total_step
 def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
     """Make the schedule's peak `lr` from the next step on (a resumed run given a new --lr,
     e.g. after a divergence); the steps done and the schedule's shape stay."""
-    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)  # every group starts at cfg.lr
-    for group in scheduler.optimizer.param_groups:
-        group["initial_lr"] = lr
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [lr * group.get("lr_scale", 1.0) for group in groups]
+    for group, base_lr in zip(groups, scheduler.base_lrs, strict=True):
+        group["initial_lr"] = base_lr
     _apply_schedule(scheduler)
 
 

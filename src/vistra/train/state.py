@@ -23,6 +23,7 @@ from .data import EpochSeededSampler
 from .distributed import DistContext
 from .ema import ModelEma
 from .logger import RunLogger
+from .loss import Objective
 from .optim import schedule_length, set_peak_lr
 
 
@@ -105,6 +106,7 @@ class RunState:
     sampler: EpochSeededSampler
     val_loader: DataLoader
     mixer: MixupCutmix | None
+    objective: Objective = field(default_factory=Objective)  # class weights, the teacher
     epoch: int = 0  # the epoch under way, or the last one done between epochs
     # the epoch whose state last.ckpt holds (rank 0 writes it; the others know the start)
     checkpointed: int = 0
@@ -118,6 +120,12 @@ class RunState:
     def planned(self) -> int:
         """The epochs the schedule ends with: cfg.epochs, or what fits the time budget."""
         return schedule_length(self.scheduler) // self.identity.steps_per_epoch
+
+    @property
+    def out_of_patience(self) -> bool:
+        """cfg.patience epochs have passed without a better validation top-1."""
+        patience = self.cfg.patience
+        return patience is not None and self.epoch - self.best.epoch >= patience
 
     def state_dict(self) -> dict:
         """The run as last.ckpt holds it (the keys of vistra.train.checkpoint.KEYS)."""

@@ -24,10 +24,17 @@ from vistra.cli import main
 from vistra.data import build_eval_transform
 from vistra.evaluate import evaluate_checkpoint
 from vistra.models import DistilledLogits
+from vistra.onnx import export_checkpoint
 from vistra.train import resume, train
 from vistra.train.checkpoint import load_training_state
 from vistra.train.loss import Distillation, teacher_loss, training_loss
-from vistra.train.teacher import InputFormat, Teacher, TeacherIdentity, TeacherModel
+from vistra.train.teacher import (
+    InputFormat,
+    Teacher,
+    TeacherIdentity,
+    TeacherModel,
+    load_teacher,
+)
 from vistra.weights import read_metadata, save_checkpoint
 
 # --- the losses, by hand -------------------------------------------------------------------
@@ -84,6 +91,7 @@ def test_without_a_teacher_both_heads_learn_the_labels():
 # --- the teacher's inputs ------------------------------------------------------------------
 
 GREY_16 = InputFormat((16, 16), 1, (0.5,), (0.25,))
+GREY_16_AT_8 = InputFormat((8, 8), 1, (0.5,), (0.5,))
 RGB_32 = InputFormat((32, 32), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -261,6 +269,19 @@ def test_an_rgb_teacher_of_another_size_teaches_a_grey_level_student(tmp_path, t
                     "model": "vit_tiny_patch16_224", "distill": "soft", "alpha": 0.5,
                     "tau": 2.0}
     assert "teacher: vit_tiny_patch16_224 from teacher.safetensors" in capsys.readouterr().out
+
+
+def test_an_exported_teacher_answers_as_its_checkpoint(tmp_path, teacher_file):
+    onnx_file = tmp_path / "teacher.onnx"
+    export_checkpoint(teacher_file, onnx_file)
+    batch = torch.randn(3, 1, 8, 8)  # a grey-level student's, at another size
+    answers = []
+    for source in (teacher_file, onnx_file):
+        model = load_teacher(str(source), dtype="fp32")
+        assert (model.identity.model, model.input_format.size) == ("vit_tiny_patch16_224",
+                                                                  (16, 16))
+        answers.append(Teacher.fit(model, GREY_16_AT_8, NAMES)(batch))
+    assert torch.allclose(*answers, atol=1e-4)
 
 
 def test_a_resumed_run_with_a_teacher_equals_an_uninterrupted_one(tmp_path, teacher_file,

@@ -1,9 +1,13 @@
-"""Inference on this CPU, side by side: vistra eager as `vistra predict` runs it
-(`vistra.optimize(model)` in fp32, `vistra.optimize(model, torch.bfloat16)` in bf16), ONNX fp32
-and ONNX int8 against HuggingFace transformers eager and the HuggingFace model exported to ONNX,
-for ViT-S/16, ViT-B/16 and Swin-T at batch 1 and 16 on 2 threads; folder prediction of JPEG
-photos against the model-only rate; and the int8 top-1 check on Fashion-MNIST. Prints the
-tables and writes benchmarks/inference.md.
+"""Inference on this CPU, like for like: each path of vistra against the same path of
+HuggingFace transformers, for ViT-S/16, ViT-B/16 and Swin-T at batch 1 and 16 on 2 threads.
+The paths: eager fp32 (vistra: `vistra.optimize(model)`, as `vistra predict` runs it); bf16,
+each library on the faster of its model cast to bf16 (vistra: `vistra.optimize(model,
+torch.bfloat16)`) and bf16 autocast, both measured; ONNX fp32 (each library's model through
+the TorchScript exporter); ONNX int8, each library's own export quantised alike (onnxruntime
+dynamic quantisation, int8 per-channel 7-bit weights, as `vistra export --int8`). Then each
+library's fastest path against the other's, both named. Also folder prediction of JPEG photos
+against the model-only rate, and the int8 top-1 check on Fashion-MNIST. Prints the tables and
+writes benchmarks/inference.md, with every figure in benchmarks/inference.json.
 
     python benchmarks/inference.py \\
         --fm-checkpoints runs/fm_vit/best.safetensors runs/fm_swin/best.safetensors \\
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -45,7 +50,14 @@ MODELS = {"vit_small_patch16_224": "ViT-S/16", "vit_base_patch16_224": "ViT-B/16
 TINY = {"vit_small_patch16_224": dict(depth=1), "vit_base_patch16_224": dict(depth=1),
         "swin_tiny_patch4_window7_224": dict(depths=(2, 2, 2, 2), embed_dim=48)}
 THREADS = 2
-EAGER_FP32 = "vistra.optimize fp32"  # the baseline row: what `vistra predict` runs in fp32
+LIBRARIES = ("vistra", "HF")
+CAST, AUTOCAST = "bf16 cast", "bf16 autocast"
+PATHS = ("eager fp32", CAST, AUTOCAST, "ONNX fp32", "ONNX int8")
+LIKE_FOR_LIKE = ("eager fp32", "bf16", "ONNX fp32", "ONNX int8")  # bf16: the faster of the two
+BASELINE = ("vistra", "eager fp32")  # what `vistra predict` runs in fp32
+# vistra.onnx.quantize_int8's settings (`vistra export --int8`), for HF's own export: int8
+# weights per output channel in 7 bits (reduce_range), activations quantised per batch
+DYNAMIC_INT8 = {"per_channel": True, "reduce_range": True}
 
 
 def cpu_description() -> tuple[str, str]:
@@ -102,45 +114,64 @@ def hf_onnx(module: torch.nn.Module, size: int) -> bytes | str:
     return buffer.getvalue()
 
 
-def model_paths(name: str, overrides: dict, tmp: Path) -> dict[str, Callable | str]:
-    """Path label -> a function taking a batch, for one architecture."""
-    model = create_model(name, **overrides).eval()
-    model.classes = None
-    paths: dict[str, Callable | str] = {}
+def hf_int8(exported: bytes, tmp: Path, name: str) -> str:
+    """HuggingFace's own ONNX export, quantised as vistra's (DYNAMIC_INT8): the file's path."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    def eager(dtype: torch.dtype) -> Callable:
-        """The model as `vistra predict` runs it: optimized (a copy), inputs cast to dtype."""
-        optimized = vistra.optimize(copy.deepcopy(model), dtype)
+    fp32, int8 = tmp / f"hf_{name}.onnx", tmp / f"hf_{name}.int8.onnx"
+    fp32.write_bytes(exported)
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, **DYNAMIC_INT8)
+    return str(int8)
+
+
+def torch_paths(model: torch.nn.Module, optimized: Callable[[torch.nn.Module, torch.dtype],
+                torch.nn.Module]) -> dict[str, Callable | str]:
+    """One library's eager paths: fp32, cast to bf16 and bf16 autocast; `optimized(copy,
+    dtype)` is how that library makes its model ready (vistra: vistra.optimize)."""
+    def run(dtype: torch.dtype, autocast: bool) -> Callable:
+        ready = optimized(copy.deepcopy(model), dtype)
 
         @torch.inference_mode()
-        def run(x: torch.Tensor):
-            return optimized(x.to(dtype))
-        return run
+        def step(x: torch.Tensor):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                return ready(x.to(dtype))
+        return step
 
-    paths[EAGER_FP32] = eager(torch.float32)
-    paths["vistra.optimize bf16"] = (eager(torch.bfloat16) if cpu_has_bf16()
-                                     else "no bf16 arithmetic on this CPU")
+    paths: dict[str, Callable | str] = {"eager fp32": run(torch.float32, False)}
+    for path, dtype, autocast in ((CAST, torch.bfloat16, False), (AUTOCAST, torch.float32, True)):
+        paths[path] = run(dtype, autocast) if cpu_has_bf16() else "no bf16 arithmetic on this CPU"
+    return paths
+
+
+def onnx_paths(graph: bytes | str, int8: str | Path | None) -> dict[str, Callable | str]:
+    """ONNX fp32 and int8 through onnxruntime; a string where export failed."""
+    if isinstance(graph, str):
+        return {"ONNX fp32": graph, "ONNX int8": graph}
+    paths: dict[str, Callable | str] = {}
+    for label, file in (("ONNX fp32", graph), ("ONNX int8", int8)):
+        s = session(file if isinstance(file, bytes) else str(file))
+        name_in = s.get_inputs()[0].name
+        paths[label] = lambda x, s=s, n=name_in: s.run(None, {n: x.numpy()})
+    return paths
+
+
+def model_paths(name: str, overrides: dict, tmp: Path) -> dict[tuple[str, str], Callable | str]:
+    """(library, path) -> a function taking an fp32 batch, for one architecture."""
+    model = create_model(name, **overrides).eval()
+    model.classes = None
+    found = {("vistra", p): fn for p, fn in
+             torch_paths(model, lambda m, dtype: vistra.optimize(m, dtype)).items()}
     graph, _ = export_onnx_bytes(model)  # the plain model, as `vistra export` exports it
     fp32_file = write_new(tmp / f"{name}.onnx", graph, force=True)
     int8_file = quantize_int8(fp32_file, tmp / f"{name}.int8.onnx", force=True)
-    for label, file in (("vistra ONNX fp32", fp32_file), ("vistra ONNX int8", int8_file)):
-        s = session(str(file))
-        paths[label] = lambda x, s=s: s.run(None, {"image": x.numpy()})
+    found.update({("vistra", p): fn for p, fn in onnx_paths(graph, int8_file).items()})
     peer = hf_tiny(name, overrides) if overrides else hf_peer(name).eval()
-
-    @torch.inference_mode()
-    def hf_eager(x: torch.Tensor):
-        return peer(x)
-
-    paths["HF eager fp32"] = hf_eager
+    found.update({("HF", p): fn for p, fn in
+                  torch_paths(peer, lambda m, dtype: m.to(dtype).eval()).items()})
     exported = hf_onnx(peer, model.data_config.img_size[0])
-    if isinstance(exported, str):
-        paths["HF ONNX fp32"] = exported
-    else:
-        s = session(exported)
-        name_in = s.get_inputs()[0].name
-        paths["HF ONNX fp32"] = lambda x, s=s: s.run(None, {name_in: x.numpy()})
-    return paths
+    int8 = None if isinstance(exported, str) else hf_int8(exported, tmp, name)
+    found.update({("HF", p): fn for p, fn in onnx_paths(exported, int8).items()})
+    return found
 
 
 def hf_tiny(name: str, overrides: dict) -> torch.nn.Module:
@@ -161,31 +192,68 @@ def hf_tiny(name: str, overrides: dict) -> torch.nn.Module:
     return HFClassifier(cls(config)).eval()
 
 
-def model_table(args, tmp: Path) -> tuple[list[str], dict]:
-    lines = [f"| model | batch | path | images/s | vs {EAGER_FP32} | vs fastest HF |",
+def best_bf16(rates: dict[tuple[str, str], float | str], library: str) -> str:
+    """A library's faster bf16 path (CAST or AUTOCAST), or CAST where neither was measured
+    (its rate is then the reason)."""
+    measured = {p: rates[library, p] for p in (CAST, AUTOCAST)
+                if not isinstance(rates[library, p], str)}
+    return max(measured, key=measured.__getitem__) if measured else CAST
+
+
+def like_for_like(short: str, batch: int, rates: dict) -> list[str]:
+    """One row per path, vistra against HF on the same path (bf16: each on its faster one,
+    named), then each library's fastest path against the other's, both named."""
+    rows = []
+    for path in LIKE_FOR_LIKE:
+        chosen = {lib: best_bf16(rates, lib) if path == "bf16" else path for lib in LIBRARIES}
+        a, b = (rates[lib, chosen[lib]] for lib in LIBRARIES)
+        label = path
+        if path == "bf16" and not isinstance(a, str):
+            label = (f"bf16 (vistra {chosen['vistra'].removeprefix('bf16 ')}, "
+                     f"HF {chosen['HF'].removeprefix('bf16 ')})")
+        ratio = "" if isinstance(a, str) or isinstance(b, str) else f"**{a / b:.2f}x**"
+        rows.append(f"| {short} | {batch} | {label} | {cell(a)} | {cell(b)} | {ratio} |")
+    best = {}
+    for lib in LIBRARIES:
+        measured = {p: v for (owner, p), v in rates.items()
+                    if owner == lib and not isinstance(v, str)}
+        best[lib] = max(measured.items(), key=lambda kv: kv[1])
+    (pa, a), (pb, b) = best["vistra"], best["HF"]
+    rows.append(f"| {short} | {batch} | fastest against fastest: vistra {pa} vs HF {pb} | "
+                f"{a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    return rows
+
+
+def cell(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.1f}"
+
+
+def model_table(args, tmp: Path) -> tuple[list[str], list[str], list[dict]]:
+    """The like-for-like table, every path measured (raw), and the figures as records."""
+    pairs = ["| model | batch | path | vistra img/s | HF img/s | vistra / HF |",
              "|---|---|---|---|---|---|"]
-    found: dict = {}
+    raw = ["| model | batch | library | path | images/s | vs vistra eager fp32 |",
+           "|---|---|---|---|---|---|"]
+    records: list[dict] = []
     for name, short in MODELS.items():
         if args.models and name not in args.models:
             continue
         paths = model_paths(name, TINY[name] if args.tiny else {}, tmp)
         for batch in (1, 16):
             x = torch.randn(batch, 3, 224, 224)
-            rates = {label: (fn if isinstance(fn, str) else
-                             rate(lambda fn=fn, x=x: fn(x), batch, args.seconds, args.rounds))
-                     for label, fn in paths.items()}
-            measured = {k: v for k, v in rates.items() if not isinstance(v, str)}
-            base = measured[EAGER_FP32]
-            hf_best = max(v for k, v in measured.items() if k.startswith("HF"))
-            for label, value in rates.items():
-                if isinstance(value, str):
-                    lines.append(f"| {short} | {batch} | {label} | {value} | | |")
-                    continue
-                lines.append(f"| {short} | {batch} | {label} | {value:.1f} | "
-                             f"{value / base:.2f}x | {value / hf_best:.2f}x |")
-            found[(name, batch)] = measured
-            print("\n".join(lines[-len(rates):]), flush=True)
-    return lines, found
+            rates = {key: (fn if isinstance(fn, str) else
+                           rate(lambda fn=fn, x=x: fn(x), batch, args.seconds, args.rounds))
+                     for key, fn in paths.items()}
+            base = rates[BASELINE]
+            for (library, path), value in rates.items():
+                records.append({"model": short, "batch": batch, "library": library,
+                                "path": path, "images_per_s": value})
+                versus = "" if isinstance(value, str) else f"{value / base:.2f}x"
+                raw.append(f"| {short} | {batch} | {library} | {path} | {cell(value)} | "
+                           f"{versus} |")
+            pairs += like_for_like(short, batch, rates)
+            print("\n".join(pairs[-len(LIKE_FOR_LIKE) - 1:]), flush=True)  # with fastest
+    return pairs, raw, records
 
 
 def make_photos(folder: Path, count: int) -> list[Path]:
@@ -292,22 +360,31 @@ def main() -> int:
           f"{ort.__version__}, {THREADS} threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        models, _ = model_table(args, tmp)
+        pairs, raw, records = model_table(args, tmp)
         folder = folder_table(args, tmp)
-        fm = fm_table(args, tmp) if args.fm_checkpoints else ["(not run: no checkpoints)"]
+        fm = (fm_table(args, tmp) if args.fm_checkpoints else
+              ["not regenerated: pass --fm-checkpoints CKPT ... --fm-test DIR"])
     command = " ".join(["python", "benchmarks/inference.py", *sys.argv[1:]])
     text = "\n".join([
-        "# Inference: eager, bf16, ONNX and int8 against HuggingFace; folder prediction", "",
+        "# Inference: vistra against HuggingFace path by path; folder prediction", "",
         f"Measured {datetime.date.today()} with `{command}`.", "",
         f"CPU: {cpu}. Flags: {flags}. torch {torch.__version__}, onnxruntime "
         f"{ort.__version__}, {THREADS} threads (torch and onnxruntime intra-op).", "",
-        "Random weights (speed does not depend on them). vistra.optimize fp32 / bf16: the "
-        "model as `vistra predict` runs it, `vistra.optimize(model)` or "
-        "`vistra.optimize(model, torch.bfloat16)` (weights cast once). Images/s is the median of "
-        f"{args.rounds} rounds of about {args.seconds:g} s after warm-up. int8 is "
-        "onnxruntime dynamic quantisation, per-channel weights. HF ONNX: transformers' "
-        "model through the same TorchScript exporter, fixed image size.", "",
-        "## Models", "", *models, "",
+        "Random weights (speed does not depend on them). Images/s is the median of "
+        f"{args.rounds} rounds of about {args.seconds:g} s after warm-up. Each path of "
+        "vistra against the same path of HuggingFace transformers: eager fp32 (vistra: "
+        "`vistra.optimize(model)`, as `vistra predict` runs it); bf16, each library on the "
+        "faster of its model cast to bf16 once (vistra: `vistra.optimize(model, "
+        "torch.bfloat16)`, as `vistra predict --dtype bf16` runs it) and bf16 autocast, the "
+        "one taken named in the row, both in the raw table; ONNX fp32, each library's model "
+        "through the same TorchScript exporter (vistra's as `vistra export` writes it, "
+        "HF's at a fixed image size); ONNX int8, each library's own export through "
+        "onnxruntime dynamic quantisation with the same settings (`vistra export --int8`: "
+        "int8 weights per output channel in 7 bits, activations per batch). The last row of "
+        "each model and batch sets each library's fastest path against the other's, both "
+        "named. Every figure: inference.json beside this file.", "",
+        "## Like for like", "", *pairs, "",
+        "## Every path measured", "", *raw, "",
         f"## Folder prediction ({args.photos} JPEGs of 1600x1200 from scikit-image samples)",
         "", "Decoding runs in threads beside the model, large JPEGs in draft mode. Target: "
         "folder >= 0.85x the model-only rate.", "", *folder, "",
@@ -315,7 +392,10 @@ def main() -> int:
         "Targets: int8 >= 1.8x eager fp32 at batch 1, <= 0.5 points top-1 lost, file <= 30% "
         "of fp32.", "", *fm, ""])
     args.out.write_text(text)
-    print(f"\nwrote {args.out}")
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "cpu": cpu, "flags": flags, "threads": THREADS,
+         "rounds": args.rounds, "seconds": args.seconds, "rates": records}, indent=1) + "\n")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.json').name}")
     return 0
 
 

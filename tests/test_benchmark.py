@@ -134,3 +134,53 @@ def test_benchmark_command_says_whether_the_cpu_has_bf16_arithmetic(capsys, monk
     assert set(report["gemm_peak_gflops_by_dtype"]) == {"fp32", "bf16"}
     assert min(report["gemm_peak_gflops_by_dtype"].values()) > 0
     assert report["gemm_peak_gflops"] == report["gemm_peak_gflops_by_dtype"]["fp32"]
+
+
+def test_the_peak_is_the_fastest_gemm_and_names_it(monkeypatch):
+    """A slow torch.mm and a fast oneDNN GEMM: the peak is oneDNN's, so a model at the speed
+    of the faster GEMM is at 100% of peak, never above."""
+    import time
+
+    def fake_gemms(dtype, n):
+        return {"torch.mm": lambda: time.sleep(0.02), "oneDNN": lambda: time.sleep(0.004)}
+
+    monkeypatch.setattr(analysis_benchmark, "gemm_steps", fake_gemms)
+    report = benchmark(TINY, batch_size=1, repeats=2, warmup=0, measure_memory=False,
+                       gemm_size=SMALL_GEMM)
+    for kind in ("fp32", "bf16"):
+        by_gemm = report.gemm_gflops_by_dtype[kind]
+        assert set(by_gemm) == {"torch.mm", "oneDNN"}
+        assert report.gemm_peak_source_by_dtype[kind] == "oneDNN"
+        assert report.gemm_peak_gflops_by_dtype[kind] == max(by_gemm.values())
+    assert report.gemm_peak_gflops == report.gemm_gflops_by_dtype["fp32"]["oneDNN"]
+    assert "fp32" in report.cpu_line() and "(oneDNN)" in report.cpu_line()
+    assert any("the fastest of torch.mm" in note for note in report.notes)
+
+
+def test_fastest_gemm_takes_the_highest_rate():
+    assert analysis_benchmark.fastest_gemm({"torch.mm": 200.0, "oneDNN": 351.0}) == (
+        "oneDNN", 351.0)
+    assert analysis_benchmark.fastest_gemm({"torch.mm": 90.0}) == ("torch.mm", 90.0)
+
+
+def test_both_gemms_are_timed_where_torch_has_onednn():
+    steps = analysis_benchmark.gemm_steps(torch.float32, 64)
+    assert "torch.mm" in steps
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN" in steps
+
+
+def test_bf16_inference_runs_vistra_cast_and_the_peers_faster_path():
+    pytest.importorskip("transformers")
+    report = benchmark("vit_tiny_patch16_224", batch_size=1, img_size=64, dtype="bf16",
+                       compare="hf", repeats=1, warmup=0, measure_memory=False,
+                       gemm_size=SMALL_GEMM)
+    ours, theirs = report.results
+    assert (ours.impl, ours.path, set(ours.images_per_s_by_path)) == (
+        "vistra", "bf16 cast", {"bf16 cast"})
+    assert set(theirs.images_per_s_by_path) == {"bf16 cast", "bf16 autocast"}
+    assert theirs.images_per_s == max(theirs.images_per_s_by_path.values())
+    assert theirs.path == max(theirs.images_per_s_by_path,
+                              key=theirs.images_per_s_by_path.__getitem__)
+    (also,) = [line for line in report.format().splitlines() if "also ran" in line]
+    assert also.strip().startswith(f"hf {theirs.path} chosen")

@@ -9,6 +9,8 @@ benchmarks/bf16.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vistra.models.layers import tracing
@@ -34,6 +36,23 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """oneDNN's fused linear serves x and weight of one dtype it supports."""
     return (fused_linear is not None and eager_inference(x) and x.dtype in FUSED_DTYPES
             and weight.dtype == x.dtype and not weight.requires_grad)
+
+
+def onednn_gemm(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """a @ b as oneDNN's linear computes it for vistra.optimize's modules (in bf16 from b packed
+    in oneDNN's blocked layout, as they pack it), for timing beside torch.mm, which runs MKL's
+    GEMM: on some CPUs (AMD EPYC with AVX-512) oneDNN reaches about twice MKL's rate, so a
+    peak from torch.mm alone is not the machine's. None where this torch build has no oneDNN
+    linear for a's dtype."""
+    if fused_linear is None or a.dtype not in FUSED_DTYPES or b.dtype != a.dtype:
+        return None
+    weight = b.t().contiguous()  # linear's [out, in]
+    if a.dtype == torch.bfloat16 and pack_weight is not None:
+        weight = pack_weight(weight, a.shape[0])
+
+    def gemm() -> torch.Tensor:
+        return fused_linear(a, weight, None, "none", [], "")
+    return gemm
 
 
 def softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

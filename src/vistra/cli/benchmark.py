@@ -1,5 +1,6 @@
 """`vistra benchmark NAME`: images/s, latency, achieved GFLOP/s against this machine's GEMM
-peak, and peak memory; optionally next to HuggingFace transformers' equivalent model."""
+peak (the fastest of MKL's and oneDNN's), and peak memory; optionally next to HuggingFace
+transformers' equivalent model."""
 
 from __future__ import annotations
 
@@ -13,17 +14,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "benchmark", help="measure images/s, latency, GFLOP/s against the GEMM peak, memory",
         description="Time a model on random images: median step time over repeated rounds "
-                    "after warm-up, images/s, achieved GFLOP/s as a fraction of a large "
-                    "torch.mm timed in the same rounds (in fp32 and in bf16, both reported, "
-                    "with whether the CPU has bf16 arithmetic), and peak memory of one step. "
-                    "With --compare hf, HuggingFace transformers' equivalent model runs in the "
-                    "same process, interleaved round by round.")
+                    "after warm-up, images/s, achieved GFLOP/s as a fraction of the fastest "
+                    "large GEMM timed in the same rounds (torch.mm's MKL and oneDNN's, in fp32 "
+                    "and in bf16, the peak and which GEMM gave it reported, with whether the "
+                    "CPU has bf16 arithmetic), and peak memory of one step. With --compare hf, "
+                    "HuggingFace transformers' equivalent model runs in the same process, "
+                    "interleaved round by round; in bf16 inference on its faster path (autocast "
+                    "or cast to bf16), beside vistra's model cast once as `vistra predict` runs "
+                    "it.")
     p.add_argument("name", help="a registered model name (see `vistra models`)")
     p.add_argument("--batch-size", type=int, default=16, help="images per step (default 16)")
     p.add_argument("--img-size", type=int, default=None,
                    help="square input size (default: the model's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="fp32, or bf16 autocast end to end (default fp32)")
+                   help="fp32, or bf16: inference on the model cast once (as predict runs it), "
+                        "training under bf16 autocast (default fp32)")
     p.add_argument("--mode", choices=MODES, default="infer",
                    help="infer: forward under inference_mode; train: forward, backward and an "
                         "AdamW step (default infer)")

@@ -39,20 +39,27 @@ def test_command_line_overrides_yaml_which_overrides_defaults(tmp_path):
 
 
 def test_options_without_a_config_file_and_boolean_flags():
-    cfg = _config(["--data", "d", "--model", "m", "--freeze-layers", "--bf16", "--ema",
-                   "--optimizer", "sgd", "--clip-grad", "1", "--in-chans", "1"])
-    assert (cfg.freeze_layers, cfg.bf16, cfg.ema, cfg.optimizer) == (True, True, True, "sgd")
+    cfg = _config(["--data", "d", "--model", "m", "--freeze-layers", "--amp", "fp16", "--ema",
+                   "--optimizer", "sgd", "--clip-grad", "1", "--in-chans", "1", "--compile"])
+    assert (cfg.freeze_layers, cfg.amp, cfg.ema, cfg.optimizer) == (True, "fp16", True, "sgd")
+    assert cfg.compile is True
     assert (cfg.clip_grad, cfg.in_chans) == (1.0, 1)
     with pytest.raises(SystemExit):
         _config(["--optimizer", "adam"])
 
 
-@pytest.mark.parametrize("argv, value", [(["--bf16"], True), (["--bf16", "true"], True),
-                                         (["--bf16", "false"], False), (["--no-bf16"], False),
-                                         (["--bf16", "auto"], "auto"), ([], False)])
-def test_bf16_takes_true_false_or_auto(argv, value):
-    bf16 = _config(["--data", "d", "--model", "m", *argv, "--ema"]).bf16
-    assert bf16 == value and type(bf16) is type(value)
+@pytest.mark.parametrize("argv, amp", [(["--bf16"], "bf16"), (["--bf16", "true"], "bf16"),
+                                       (["--bf16", "false"], "off"), (["--no-bf16"], "off"),
+                                       (["--bf16", "auto"], "auto"), ([], "off"),
+                                       (["--amp", "auto"], "auto")])
+def test_the_older_bf16_flag_takes_true_false_or_auto_as_amp(argv, amp):
+    assert _config(["--data", "d", "--model", "m", *argv, "--ema"]).amp == amp
+
+
+def test_amp_refuses_another_word(capsys):
+    with pytest.raises(SystemExit):
+        _config(["--amp", "fp8"])
+    assert "argument --amp: invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_bf16_refuses_another_word_naming_the_option(capsys):
@@ -67,7 +74,7 @@ def test_cli_trains_and_resume_refuses_other_options(tmp_path, capsys):
     argv = ["train", "--data", str(data), "--model", "vit_tiny_patch16_224", "--output",
             str(run), "--epochs", "1", "--img-size", "16", "--batch-size", "4", "--workers",
             "0", "--model-arg", "patch_size=8", "--model-arg", "depth=1", "--model-arg",
-            "embed_dim=32", "--model-arg", "num_heads=2", "--freeze-layers", "--bf16",
+            "embed_dim=32", "--model-arg", "num_heads=2", "--freeze-layers", "--amp", "bf16",
             "--optimizer", "sgd", "--lr", "0.01"]
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -27,7 +27,6 @@ from serve_helpers import (
 )
 
 import vistra.accel.capabilities
-import vistra.cli.inference
 import vistra.serve.service
 from vistra.cli import main
 from vistra.runtime import load_classifier
@@ -111,7 +110,6 @@ def test_heat_maps_of_a_bf16_service_are_the_fp32_ones_from_a_copy_loaded_once_w
 def test_cli_dtype_auto_takes_bf16_where_the_cpu_has_it_and_says_so(checkpoint, has_bf16,
                                                                      monkeypatch, capsys):
     monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: has_bf16)
-    monkeypatch.setattr(vistra.cli.inference, "cpu_has_bf16", lambda: has_bf16)
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
     assert main(["serve", str(checkpoint), "--read-timeout-s", "2",

@@ -1,14 +1,13 @@
 """TrainConfig: one typed place for every option, filled from Python, YAML or the CLI."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 import vistra.accel.capabilities
+import vistra.train.loop as loop
 from vistra.train import TrainConfig, config_from_dict, load_config
 from vistra.train.distributed import DistContext
-from vistra.train.loop import resolve_bf16
+from vistra.train.loop import choose_amp
 
 
 def test_yaml_recipe_fills_the_dataclass_with_typed_values(tmp_path):
@@ -71,45 +70,86 @@ def test_to_dict_round_trips_through_plain_types():
     assert config_from_dict(plain) == cfg
 
 
-@pytest.mark.parametrize("text, value", [("auto", "auto"), ("true", True), ("false", False)])
-def test_bf16_takes_true_false_or_auto_from_yaml(tmp_path, text, value):
+@pytest.mark.parametrize("text", ["auto", "bf16", "fp16", "off"])
+def test_amp_takes_its_four_words_from_yaml_off_included(tmp_path, text):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"amp: {text}\n")  # YAML reads a bare off as false
+    assert load_config(recipe).amp == text
+
+
+@pytest.mark.parametrize("text, amp", [("auto", "auto"), ("true", "bf16"), ("false", "off")])
+def test_an_older_recipes_bf16_means_amp_bf16_off_or_auto(tmp_path, text, amp):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"bf16: {text}\n")
-    bf16 = load_config(recipe).bf16
-    assert bf16 == value and type(bf16) is type(value)
+    assert load_config(recipe).amp == amp
+    assert "bf16" not in load_config(recipe).to_dict()  # config.yaml records amp only
+    # a last.ckpt written before amp holds bf16 in its config
+    assert config_from_dict({"bf16": {"true": True, "false": False}.get(text, text)}).amp == amp
 
 
 @pytest.mark.parametrize("value", ["sometimes", "Auto", 1])
 def test_bf16_refuses_anything_else_naming_the_option(tmp_path, value):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"bf16: {value}\n")
-    with pytest.raises(ValueError, match=r"bad.yaml: bf16 must be a bool or auto"):
+    with pytest.raises(ValueError, match=r"bad.yaml: bf16 must be true, false or auto"):
         load_config(recipe)
-    with pytest.raises(ValueError, match="bf16 must be true, false or auto"):
-        TrainConfig(bf16=value)
+    with pytest.raises(ValueError, match="amp must be one of auto, bf16, fp16, off"):
+        TrainConfig(amp=str(value))
+
+
+def test_bf16_and_amp_that_disagree_are_refused_and_the_command_line_wins(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("bf16: true\namp: fp16\n")
+    with pytest.raises(ValueError, match="bf16: true means amp: bf16, but amp is 'fp16'"):
+        load_config(recipe)
+    recipe.write_text("bf16: true\n")
+    assert load_config(recipe, amp="off").amp == "off"
+    recipe.write_text("amp: fp16\n")
+    assert load_config(recipe, bf16="auto").amp == "auto"
+
+
+def _no_tf32(monkeypatch):
+    monkeypatch.setattr(loop, "enable_tf32", lambda device: False)
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_bf16_auto_is_decided_by_the_cpu_and_said_once(monkeypatch, capsys, native):
+def test_amp_auto_is_decided_by_the_cpu_and_said_once(monkeypatch, capsys, native):
     monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: native)
     cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    assert resolve_bf16(TrainConfig(bf16="auto"), cpu).bf16 is native
-    expected = ("bf16: on (auto: this CPU has bf16 arithmetic)" if native
-                else "bf16: off (auto: this CPU has no bf16 arithmetic)")
-    assert capsys.readouterr().out == expected + "\n"
-    assert resolve_bf16(TrainConfig(bf16="auto", quiet=True), cpu).bf16 is native
+    assert choose_amp(TrainConfig(amp="auto"), cpu).amp == ("bf16" if native else "off")
+    expected = ("amp: bf16 (auto: this CPU has bf16 arithmetic)" if native
+                else "amp: off (auto: this CPU has no bf16 arithmetic)")
+    assert capsys.readouterr().out.splitlines() == [
+        f"device: this CPU ({'has' if native else 'no'} bf16 arithmetic)", expected]
+    assert choose_amp(TrainConfig(amp="auto", quiet=True), cpu).amp in ("bf16", "off")
     other_rank = DistContext(rank=1, world_size=1, local_rank=1, device=torch.device("cpu"))
-    assert resolve_bf16(TrainConfig(bf16="auto"), other_rank).bf16 is native
+    assert choose_amp(TrainConfig(amp="auto"), other_rank).amp in ("bf16", "off")
     assert capsys.readouterr().out == ""  # quiet, and not rank 0
 
 
-def test_bf16_auto_is_on_for_cuda_and_true_or_false_pass_through(monkeypatch, capsys):
-    monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: False)
-    gpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
-    assert resolve_bf16(TrainConfig(bf16="auto"), gpu).bf16 is True
-    assert capsys.readouterr().out == "bf16: on (auto: a CUDA device)\n"
+@pytest.mark.parametrize("capability, amp, why", [
+    ((9, 0), "bf16", "the GPU computes bf16 natively"),
+    ((7, 5), "fp16", "the GPU has no native bf16: fp16 with a gradient scaler")])
+def test_amp_auto_on_a_gpu_is_bf16_from_ampere_on_and_fp16_before(monkeypatch, capsys,
+                                                                   capability, amp, why):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    tf32 = []
+    monkeypatch.setattr(loop, "enable_tf32", lambda device: tf32.append(device) or
+                        capability >= (8, 0))
+    gpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0))
+    assert choose_amp(TrainConfig(amp="auto"), gpu).amp == amp
+    major, minor = capability
+    said = f"device: Some GPU (compute capability {major}.{minor})"
+    said += "; TF32 on for fp32 matrix products" if capability >= (8, 0) else ""
+    assert capsys.readouterr().out.splitlines() == [said, f"amp: {amp} (auto: {why})"]
+    assert tf32 == [torch.device("cuda", 0)]
+
+
+def test_a_chosen_amp_passes_through(monkeypatch, capsys):
+    _no_tf32(monkeypatch)
     monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: True)
-    cpu = replace(gpu, device=torch.device("cpu"))
-    for value in (True, False):  # what a run asked for, or what a resumed run recorded
-        assert resolve_bf16(TrainConfig(bf16=value), cpu).bf16 is value
+    cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    for value in ("bf16", "fp16", "off"):  # what a run asked for, or a resumed run recorded
+        assert choose_amp(TrainConfig(amp=value, quiet=True), cpu).amp == value
     assert capsys.readouterr().out == ""

@@ -52,28 +52,28 @@ def test_an_interruption_in_the_first_epoch_is_resumable(tmp_path, monkeypatch):
     assert load_training_state(tmp_path / "run" / "last.ckpt")["epoch"] == 0
 
 
-def test_a_resumed_run_keeps_the_bf16_choice_auto_made_at_its_start(tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_amp_choice_auto_made_at_its_start(tmp_path, monkeypatch):
     data = make_colour_folder(tmp_path / "data", per_class=4)
     run = tmp_path / "run"
     monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: True)
     real_epoch = ctrl_c_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):  # in epoch 1: the choice is all there is to resume
-        train(tiny_config(data, run, epochs=1, bf16="auto"))
-    assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True
-    assert yaml.safe_load((run / "config.yaml").read_text())["bf16"] is True
+        train(tiny_config(data, run, epochs=1, amp="auto"))
+    assert load_training_state(run / "last.ckpt")["config"]["amp"] == "bf16"
+    assert yaml.safe_load((run / "config.yaml").read_text())["amp"] == "bf16"
 
     monkeypatch.setattr(vistra.accel.capabilities, "cpu_has_bf16", lambda: False)  # another machine
     seen = []
 
-    def record_bf16(*args, **kwargs):
-        seen.append(args[4].bf16)  # the config argument
+    def record_amp(*args, **kwargs):
+        seen.append(args[4].amp)  # the config argument
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_one_epoch", record_bf16)
+    monkeypatch.setattr(loop, "train_one_epoch", record_amp)
     resume(run)
-    assert seen == [True]
-    assert load_training_state(run / "last.ckpt")["config"]["bf16"] is True
-    assert yaml.safe_load((run / "config.yaml").read_text())["bf16"] is True
+    assert seen == ["bf16"]
+    assert load_training_state(run / "last.ckpt")["config"]["amp"] == "bf16"
+    assert yaml.safe_load((run / "config.yaml").read_text())["amp"] == "bf16"
 
 
 def test_training_state_is_written_atomically_and_checked_on_load(tmp_path):

@@ -60,12 +60,13 @@ class EvalTotals:
 
 
 def predict_log_probs(model: nn.Module, images: torch.Tensor, flip: bool = False,
-                      bf16: bool = False) -> torch.Tensor:
+                      amp: torch.dtype | None = None) -> torch.Tensor:
     """Log-probabilities [B, K]; with `flip`, of the mean of the probabilities for the images
     and their mirror images (test-time augmentation for models trained with horizontal
-    flips: the two views' errors differ, so their average is wrong less often)."""
+    flips: the two views' errors differ, so their average is wrong less often). `amp`: the
+    autocast dtype of the forward (bf16 or fp16), None for none."""
     views = (images, images.flip(-1)) if flip else (images,)
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
         logits = [mean_logits(model(view)).float() for view in views]
     log_probs = torch.stack([F.log_softmax(x, dim=1) for x in logits])
     return torch.logsumexp(log_probs, 0) - math.log(len(views))
@@ -74,22 +75,24 @@ def predict_log_probs(model: nn.Module, images: torch.Tensor, flip: bool = False
 @torch.no_grad()
 def run_evaluation(model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
                    loader: DataLoader, num_classes: int, device: torch.device,
-                   bf16: bool = False, flip: bool = False) -> EvalTotals:
+                   amp: torch.dtype | None = None, flip: bool = False) -> EvalTotals:
     """Cross-entropy, top-5 hits and the confusion matrix of `model` over `loader` (with
-    `flip`, of the mean prediction for each image and its mirror image)."""
+    `flip`, of the mean prediction for each image and its mirror image; `amp`, under that
+    autocast dtype). The sums stay where the logits are until the end: one wait for a GPU
+    per evaluation, not per batch."""
     if isinstance(model, nn.Module):
         model.eval()
-    loss_sum, top5 = 0.0, 0
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     k = min(5, num_classes)
+    sums = torch.zeros(2 + num_classes ** 2, dtype=torch.float64)  # as EvalTotals.as_tensor
     for images, targets in loader:
-        log_probs = predict_log_probs(model, images.to(device), flip, bf16)
-        targets = targets.to(log_probs.device)  # a Classifier answers on the CPU
-        loss_sum += float(F.nll_loss(log_probs, targets, reduction="sum"))
-        top5 += int((log_probs.topk(k, dim=1).indices == targets[:, None]).any(1).sum())
-        pairs = (targets * num_classes + log_probs.argmax(1)).cpu()
-        confusion += torch.bincount(pairs, minlength=num_classes ** 2).view_as(confusion)
-    return EvalTotals(loss_sum, top5, confusion)
+        log_probs = predict_log_probs(model, images.to(device, non_blocking=True), flip, amp)
+        targets = targets.to(log_probs.device, non_blocking=True)  # a Classifier: the CPU
+        sums = sums.to(log_probs.device)
+        sums[0] += F.nll_loss(log_probs, targets, reduction="sum").double()
+        sums[1] += (log_probs.topk(k, dim=1).indices == targets[:, None]).any(1).sum()
+        sums[2:] += torch.bincount(targets * num_classes + log_probs.argmax(1),
+                                   minlength=num_classes ** 2)
+    return EvalTotals.from_tensor(sums.cpu(), num_classes)
 
 
 @dataclass
@@ -155,8 +158,8 @@ def _labelled_samples(data: Path, classes: list[str], holdout: dict | None):
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
                         holdout: bool = False, flip: bool = False, batch_size: int = 64,
                         workers: int = 0, device: str = "cpu", backend: str = "auto",
-                        dtype: str = "fp32", head: str = "mean",
-                        shard: tuple[int, int] = (0, 1)
+                        dtype: str = "fp32", head: str = "mean", amp: str = "off",
+                        compile: bool = False, shard: tuple[int, int] = (0, 1)
                         ) -> tuple[EvalReport, list[tuple[Path, str]]]:
     """Evaluate a vistra checkpoint (or an .onnx file from `vistra export`) on an image
     folder; return the report and skipped files.
@@ -166,11 +169,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     that training held out of a class-per-folder `data` (same seed and fraction). Folders are
     matched to the checkpoint's classes by name; a folder may lack some classes. With `flip`,
     each image's prediction is the mean of its own and its mirror image's. `backend`,
-    `dtype` and `head` (a distilled model's mean, cls or dist head) as for
-    vistra.runtime.load_classifier. `shard` (index, count): evaluate every count-th image
+    `dtype`, `head` (a distilled model's mean, cls or dist head), `amp` and `compile` as
+    for vistra.runtime.load_classifier. `shard` (index, count): evaluate every count-th image
     from index on, for one of count processes whose totals are then summed.
     """
-    classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype, head=head)
+    classifier = load_classifier(checkpoint, device, backend=backend, dtype=dtype, head=head,
+                                 amp=amp, compile=compile)
     if not classifier.classes:
         raise ValueError(f"{checkpoint} records no class names; save it with "
                          "save_checkpoint(..., classes=[...]) to evaluate it on a folder")
@@ -189,7 +193,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     index, count = shard
     loader = DataLoader(ImageFolderDataset(samples[index::count], classifier.transform,
                                            channels=classifier.in_chans),
-                        batch_size=batch_size, num_workers=workers)
+                        batch_size=batch_size, num_workers=workers,
+                        pin_memory=torch.device(device).type == "cuda")
     totals = run_evaluation(classifier, loader, len(classifier.classes), torch.device(device),
                             flip=flip)
     return EvalReport(list(classifier.classes), totals), skipped

@@ -2,8 +2,9 @@
 preprocessing it needs, behind one small interface shared by predict, eval and serve.
 
 `load_classifier(path)` picks the backend from the file: a vistra .safetensors runs in
-PyTorch eager mode (fp32, or bf16 where the CPU has bf16 arithmetic), an .onnx file
-written by `vistra export` in onnxruntime, with the preprocessing its metadata records.
+PyTorch on any device (fp32, or cast to bf16 where the device computes it natively, fp16 on
+older GPUs; or an fp32 model under autocast; compiled if asked), an .onnx file written by
+`vistra export` in onnxruntime, with the preprocessing its metadata records.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from vistra.accel import optimize, resolve_dtype
+from vistra.accel import amp_dtype, enable_tf32, optimize, resolve_amp, resolve_dtype
+from vistra.accel.capabilities import TORCH_DTYPES
 from vistra.data import Transform, eval_transform, eval_transform_for
 from vistra.fileio import file_sha256
 from vistra.models import DataConfig
@@ -74,8 +76,10 @@ class Classifier:
     run: Callable[[torch.Tensor], torch.Tensor]
     model: torch.nn.Module | None = None  # the PyTorch module, when the backend has one
     _sha256: str | None = None
-    dtype: str = "fp32"  # what the backend computes in: fp32, bf16 or int8
+    dtype: str = "fp32"  # what the backend computes in: fp32, bf16, fp16 or int8
     head: str = "mean"  # a distilled model's head it answers with (HEADS)
+    amp: str = "off"  # the autocast an fp32 torch model runs under: bf16, fp16 or off
+    device: str = "cpu"  # where it computes (batches may come from anywhere)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -92,23 +96,34 @@ class Classifier:
 BACKENDS = ("auto", "torch", "onnx")
 
 
-def torch_classifier(path: str | os.PathLike, device: str = "cpu",
-                     dtype: str = "fp32", head: str = "mean") -> Classifier:
-    """A vistra checkpoint in PyTorch eager mode (a distilled DeiT: the mean of its heads,
-    or the one `head` names), made ready by vistra.optimize; dtype bf16 casts the model to
-    bf16 once, logits come back in fp32."""
+def torch_classifier(path: str | os.PathLike, device: str = "cpu", dtype: str = "fp32",
+                     head: str = "mean", amp: str = "off", compile: bool = False
+                     ) -> Classifier:
+    """A vistra checkpoint in PyTorch on `device` (a distilled DeiT: the mean of its heads,
+    or the one `head` names), made ready by vistra.optimize; dtype bf16 or fp16 casts the
+    model once, amp bf16 or fp16 runs it under that autocast, `compile` through
+    torch.compile (its first batches of each size compile); an fp32 model on a GPU with TF32
+    runs its matrix products in TF32 (process-wide). Batches may come from the CPU; logits
+    come back there, in fp32."""
     dev = torch.device(device)
-    compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+    compute = TORCH_DTYPES[dtype]
+    if dtype == "fp32":
+        enable_tf32(dev)
     model = optimize(load_checkpoint(path, device=device), compute)
+    if compile:
+        model.compile()
     logits = head_logits(model, head)
+    autocast = amp_dtype(amp)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
-        return logits(batch.to(dev, compute)).float().cpu()
+        with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+            out = logits(batch.to(dev, compute, non_blocking=True))
+        return out.float().cpu()
 
     return Classifier(model.name, model.classes, model.data_config, model.arch.in_chans,
                       Path(path), "torch", eval_transform(model), run, model=model, dtype=dtype,
-                      head=head)
+                      head=head, amp=amp, device=str(dev))
 
 
 def module_classifier(model: torch.nn.Module, head: str = "mean") -> Classifier:
@@ -123,7 +138,7 @@ def module_classifier(model: torch.nn.Module, head: str = "mean") -> Classifier:
 
     return Classifier(getattr(model, "name", type(model).__name__), getattr(model, "classes", None),
                       model.data_config, model.arch.in_chans, Path(), "torch",
-                      eval_transform(model), run, model=model, head=head)
+                      eval_transform(model), run, model=model, head=head, device=str(device))
 
 
 def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
@@ -150,15 +165,20 @@ def resolve_backend(path: str | os.PathLike, backend: str = "auto") -> str:
 
 
 def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: str = "auto",
-                    dtype: str = "fp32", head: str = "mean") -> Classifier:
+                    dtype: str = "fp32", head: str = "mean", amp: str = "off",
+                    compile: bool = False) -> Classifier:
     """The classifier a file holds. backend: see resolve_backend; onnx for a .safetensors
     exports it in memory first. dtype: fp32 (the default, the same numbers on every
-    machine), bf16, or auto: see resolve_dtype (the chosen one is in `.dtype`). head: for a
-    distilled DeiT, mean (the default: what it answers in eval mode), cls (its class head)
-    or dist (its distillation head); the torch backend only, as an exported graph holds
-    the mean."""
+    machine), bf16, fp16, or auto: see resolve_dtype (the chosen one is in `.dtype`). amp:
+    off (the default), bf16, fp16 or auto (resolve_amp): the fp32 model under autocast, as
+    training validates (with dtype auto only, which then means fp32). compile: through
+    torch.compile. head: for a distilled DeiT, mean (the default: what it answers in eval
+    mode), cls (its class head) or dist (its distillation head). amp, compile and head are
+    for the torch backend: an exported graph computes as exported and holds the mean."""
     backend = resolve_backend(path, backend)
-    chosen = resolve_dtype(dtype, backend, device)
+    chosen, autocast = resolve_precision(dtype, amp, backend, device)
+    if compile:
+        _check_torch_only(backend, "--compile")
     if backend == "onnx":
         check_head(head, True, str(path))  # a known name; then only the mean is there
         if head != "mean":
@@ -168,4 +188,26 @@ def load_classifier(path: str | os.PathLike, device: str = "cpu", *, backend: st
         if torch.device(device).type != "cpu":
             raise ValueError("the onnx backend runs on the CPU; use --device cpu")
         return onnx_classifier(path)
-    return torch_classifier(path, device=device, dtype=chosen, head=head)
+    return torch_classifier(path, device=device, dtype=chosen, head=head, amp=autocast,
+                            compile=compile)
+
+
+def resolve_precision(dtype: str, amp: str, backend: str, device: str = "cpu"
+                      ) -> tuple[str, str]:
+    """(dtype, amp) resolved for `backend` on `device`: dtype as resolve_dtype, amp as
+    resolve_amp. An amp other than off autocasts an fp32 model: dtype auto then means fp32,
+    and another dtype is refused."""
+    chosen, autocast = resolve_dtype(dtype, backend, device), resolve_amp(amp, device)
+    if autocast == "off":
+        return chosen, autocast
+    _check_torch_only(backend, f"--amp {amp}")
+    if dtype not in ("auto", "fp32"):
+        raise ValueError(f"--amp {amp} runs an fp32 model under autocast, --dtype {dtype} casts "
+                         "the model itself: choose one of them")
+    return "fp32", autocast
+
+
+def _check_torch_only(backend: str, option: str) -> None:
+    if backend != "torch":
+        raise ValueError(f"{option} is for the torch backend; the onnx backend computes as the "
+                         "graph was exported (fp32, or int8 from `vistra export --int8`)")

@@ -11,7 +11,9 @@ import time
 from datetime import datetime
 from importlib.resources import as_file, files
 
+from vistra.accel import resolve_device
 from vistra.analysis.plots import plot_confusion_matrix
+from vistra.cli.inference import add_device_option
 from vistra.data import bundled_demo_dir
 from vistra.evaluate import evaluate_checkpoint
 from vistra.predict import annotate_all, format_predictions, predict_images
@@ -35,16 +37,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE.yaml",
                    help="training recipe (default: the bundled vistra/assets/demo.yaml)")
     p.add_argument("--epochs", type=int, help="override the recipe's number of epochs")
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    device = str(resolve_device(args.device))
     data = bundled_demo_dir()
     output = args.output or f"runs/demo-{datetime.now():%Y%m%d-%H%M%S}"
     # train/ alone: its images are split into training and validation (the recipe's
     # val_fraction), so that test/ stays unseen until the end.
-    overrides = {"data": str(data / "train"), "output": output}
+    overrides = {"data": str(data / "train"), "output": output, "device": device}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     with as_file(DEMO_RECIPE) as bundled:
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\ncheckpoint chosen on {len(result.split.val)} validation images held out of "
           f"{data / 'train'}: epoch {result.best_epoch}, top-1 {100 * result.best_top1:.1f}%")
     print(f"\n== evaluation of {best} on {data / 'test'} ==")
-    report, _ = evaluate_checkpoint(best, data / "test")
+    report, _ = evaluate_checkpoint(best, data / "test", device=device)
     print(report.format())
     plot = result.run_dir / "confusion_test.png"
     plot_confusion_matrix(report.totals.confusion.numpy(), report.classes, plot,
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     examples = [sorted((data / "test" / name).iterdir())[0]
                 for name in report.classes[:EXAMPLES]]
-    predictions, _ = predict_images(load_checkpoint(best), examples, topk=3)
+    predictions, _ = predict_images(load_checkpoint(best, device=device), examples, topk=3)
     print("\n== predictions (true class = folder name) ==")
     print(format_predictions(predictions))
     annotated = result.run_dir / "predictions"

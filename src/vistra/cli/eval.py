@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from vistra.accel.capabilities import resolve_dtype
 from vistra.analysis.plots import plot_confusion_matrix
-from vistra.cli.inference import add_runtime_options, report_dtype
+from vistra.cli.inference import add_runtime_options, report_precision, runtime_device
 from vistra.evaluate import EvalReport, EvalTotals, evaluate_checkpoint
 from vistra.output import to_json
-from vistra.runtime import resolve_backend
+from vistra.runtime import resolve_backend, resolve_precision
 from vistra.train.distributed import all_reduce_sum, init_distributed, process_group
 
 
@@ -40,27 +39,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, default=2,
                    help="data-loading worker processes (default: 2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_runtime_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(runtime_device(args, args.checkpoint))
     with process_group(ctx):
         backend = resolve_backend(args.checkpoint, args.backend)
-        dtype = resolve_dtype(args.dtype, backend, str(ctx.device))
+        dtype, amp = resolve_precision(args.dtype, args.amp, backend, str(ctx.device))
+        if ctx.is_main:
+            report_precision(dtype, amp, backend, args.dtype, ctx.device)
         report, skipped = evaluate_checkpoint(
             args.checkpoint, args.data, holdout=args.holdout, flip=args.tta_flip,
             batch_size=args.batch_size, workers=args.workers, device=str(ctx.device),
-            backend=backend, dtype=dtype, head=args.head, shard=(ctx.rank, ctx.world_size))
+            backend=backend, dtype=dtype, head=args.head, amp=amp, compile=args.compile,
+            shard=(ctx.rank, ctx.world_size))
         if ctx.distributed:  # each process evaluated a shard: add up the totals
             summed = all_reduce_sum(report.totals.as_tensor(), ctx)
             report = EvalReport(report.classes,
                                 EvalTotals.from_tensor(summed, len(report.classes)))
     if not ctx.is_main:
         return 0
-    report_dtype(dtype, backend, args.dtype)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     data_name = Path(args.data).resolve().name

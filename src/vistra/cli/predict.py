@@ -7,7 +7,7 @@ import sys
 
 import torch.distributed as dist
 
-from vistra.cli.inference import add_runtime_options, report_dtype
+from vistra.cli.inference import add_runtime_options, report_precision, runtime_device
 from vistra.data import find_images
 from vistra.predict import FORMATS, annotate_all, format_predictions, iter_predictions
 from vistra.runtime import load_classifier
@@ -39,7 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--workers", type=int, default=2,
                    help="threads decoding images while the model runs (default: 2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     add_runtime_options(p)
     p.set_defaults(func=run)
 
@@ -47,12 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError(f"--topk must be 1 or more, got {args.topk}")
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(runtime_device(args, args.checkpoint))
     with process_group(ctx):
         classifier = load_classifier(args.checkpoint, str(ctx.device), backend=args.backend,
-                                     dtype=args.dtype, head=args.head)
+                                     dtype=args.dtype, head=args.head, amp=args.amp,
+                                     compile=args.compile)
         if ctx.is_main:
-            report_dtype(classifier.dtype, classifier.backend, args.dtype)
+            report_precision(classifier.dtype, classifier.amp, classifier.backend, args.dtype,
+                             ctx.device)
         images, failed = find_images(args.paths)
         # Every world_size-th image from this rank's index on; merged back by index below.
         mine = range(ctx.rank, len(images), ctx.world_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vistra.accel.capabilities import DTYPES
-from vistra.cli.inference import report_dtype
+from vistra.cli.inference import add_device_option, report_precision, runtime_device
 from vistra.serve.settings import ServeSettings
 
 
@@ -47,11 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight-per-client", type=int, default=d.max_in_flight_per_client,
                    help="predictions in progress from one client address; more are refused "
                         f"with 429 (default: {d.max_in_flight_per_client})")
+    add_device_option(p)
     p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="fp32, or bf16 (the model cast once; faster where the CPU has bf16 "
-                        "arithmetic, AVX512_BF16 or AMX; emulated and slow elsewhere); auto "
-                        "(default) picks by the CPU and says which. An .onnx file computes in "
-                        "what it was exported in (fp32 or int8)")
+                   help="fp32, or the model cast once to bf16 (faster on GPUs of compute "
+                        "capability 8.0 or later and CPUs with AVX512_BF16 or AMX; emulated "
+                        "and slow on other CPUs) or fp16 (for older GPUs); auto (default) "
+                        "picks by the device and says which. An .onnx file computes in what "
+                        "it was exported in (fp32 or int8), on the CPU")
     p.add_argument("--explain", action="store_true",
                    help="offer heat maps (?explain=METHOD and on the page); they cost a "
                         "backward pass each, so they are off by default")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from vistra.serve.server import run as run_server
 
     run_server(args.model, settings, host=args.host, port=args.port, workers=args.workers,
-               threads=args.threads, dtype=args.dtype,
-               on_load=lambda c: report_dtype(c.dtype, c.backend, args.dtype))
+               threads=args.threads, dtype=args.dtype, device=runtime_device(args, args.model),
+               on_load=lambda c: report_precision(c.dtype, c.amp, c.backend, args.dtype,
+                                                  c.device))
     return 0

@@ -51,15 +51,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             help_text += f" (default: {' '.join(map(str, default)) if kind is tuple else default})"
         kw = dict(default=argparse.SUPPRESS, help=help_text, dest=f.name)
         flag = "--" + f.name.replace("_", "-")
-        words = _literal_words(hints[f.name])
-        if kind is bool and words:  # e.g. --bf16 [true|false|auto]; bare --bf16 is true
-            parse = _bool_or_word(words)
-            parser.add_argument(flag, nargs="?", const=True, type=parse,
-                                metavar="|".join(["true", "false", *words]), **kw)
-            parser.add_argument("--no-" + flag[2:], action="store_const", const=False,
-                                dest=f.name, default=argparse.SUPPRESS,
-                                help=f"the same as {flag} false")
-        elif kind is bool:
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind is dict:
             kw["dest"] = _DICT_OPTION
@@ -70,21 +62,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             metavar = f.metadata.get("metavar", {int: "N", float: "X", str: "TEXT"}[kind])
             parser.add_argument(flag, type=kind, choices=f.metadata.get("choices"),
                                 metavar=None if "choices" in f.metadata else metavar, **kw)
+    # The older spelling of --amp, as recipes' bf16 key (vistra.train.config.read_amp):
+    # --bf16 [true|false|auto], bare --bf16 true.
+    parser.add_argument("--bf16", nargs="?", const=True, type=_bool_or_word(("auto",)),
+                        metavar="true|false|auto", default=argparse.SUPPRESS,
+                        help="the same as --amp bf16, off or auto")
+    parser.add_argument("--no-bf16", action="store_const", const=False, dest="bf16",
+                        default=argparse.SUPPRESS, help="the same as --amp off")
 
 
 def _base_type(hint) -> type:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(h for h in typing.get_args(hint) if h is not type(None))
     return typing.get_origin(hint) or hint
-
-
-def _literal_words(hint) -> tuple[str, ...]:
-    """The words an option takes besides its type's values: ("auto",) for
-    `bool | Literal["auto"]`, () for most options."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
-                                                                     types.UnionType) else ()
-    return tuple(word for option in options if typing.get_origin(option) is typing.Literal
-                 for word in typing.get_args(option))
 
 
 def _bool_or_word(words: tuple[str, ...]) -> Callable[[str], bool | str]:
@@ -114,7 +104,7 @@ def _parse_model_args(items: list[str]) -> dict:
 
 def options_from_args(args: argparse.Namespace) -> dict:
     """The TrainConfig options given on the command line (and only those)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {"bf16"}
     given = {k: v for k, v in vars(args).items() if k in names}
     if hasattr(args, _DICT_OPTION):
         given["model_kwargs"] = _parse_model_args(getattr(args, _DICT_OPTION))

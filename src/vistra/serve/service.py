@@ -199,16 +199,18 @@ class Service:
                 "probability": float(heat.probability), "overlay_png": png}
 
     def explain_model(self) -> torch.nn.Module:
-        """The module heat maps are drawn with: the served one, or for a bf16 service an
-        fp32 copy loaded from the same file on the first heat map (once, whichever thread
-        asks first), so the maps are the fp32 service's, not bf16 gradients'."""
-        if self.classifier.dtype != "bf16":
+        """The module heat maps are drawn with: the served one, or for a bf16 or fp16
+        service an fp32 copy loaded from the same file on the first heat map (once, whichever
+        thread asks first), so the maps are the fp32 service's, not half-precision
+        gradients'."""
+        if self.classifier.dtype == "fp32":
             return self.classifier.model
         with self._explain_model_lock:
             if self._explain_model is None:
                 log.info("loading an fp32 copy of %s for heat maps", self.classifier.name)
-                self._explain_model = load_classifier(self.classifier.source, backend="torch",
-                                                      dtype="fp32").model
+                self._explain_model = load_classifier(
+                    self.classifier.source, self.classifier.device, backend="torch",
+                    dtype="fp32").model
             return self._explain_model
 
     def close(self) -> None:

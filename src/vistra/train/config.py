@@ -13,13 +13,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+
+from vistra.accel.capabilities import AMP_MODES
 
 OPTIMIZERS = ("adamw", "sgd")
 DISTILL_KINDS = ("hard", "soft")
 BALANCE_MODES = ("sampler", "loss")
+# The bf16 key of recipes and checkpoints written before amp, and the amp it means.
+BF16_AS_AMP = {True: "bf16", False: "off", "auto": "auto"}
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -88,12 +92,18 @@ class TrainConfig:
     freeze_layers: bool = _opt(False, "train only the head (and pre-logits), freeze the rest")
     ema: bool = _opt(False, "keep an exponential moving average of the weights")
     ema_decay: float = _opt(0.999, "EMA decay per step")
-    bf16: bool | Literal["auto"] = _opt(
-        False, "bfloat16 autocast for the forward pass: true, false, or auto: on where the "
-               "device computes bf16 natively (a CUDA GPU, or a CPU with AVX512_BF16 or AMX), "
-               "off elsewhere (bf16 emulated is slower than fp32). auto is decided once, when "
-               "a run starts: the run's config.yaml and last.ckpt record the choice, true or "
-               "false, so a resume, even on another machine, keeps it")
+    amp: str = _opt("off", "mixed precision: the forward pass under bf16 or fp16 autocast "
+                           "(fp16 with a gradient scaler), or off (fp32; TF32 matrix products "
+                           "on GPUs that have it); auto: bf16 where the device computes it "
+                           "natively (a CUDA GPU of compute capability 8.0 or later, a CPU "
+                           "with AVX512_BF16 or AMX), fp16 on older CUDA GPUs, off on other "
+                           "CPUs. auto is decided once, when a run starts: config.yaml and "
+                           "last.ckpt record the choice, so a resume, even on another "
+                           "machine, keeps it. Older recipes' bf16: true|false|auto means "
+                           "amp: bf16|off|auto", choices=AMP_MODES)
+    compile: bool = _opt(False, "run the model through torch.compile (the same weights and "
+                                "checkpoints; the first step, which compiles, is reported "
+                                "apart)")
     grad_checkpointing: bool = _opt(False, "recompute each block's activations in the backward "
                                            "pass instead of keeping them: a ViT-S/16 step at "
                                            "batch 8 peaks at 125 instead of 458 MiB and takes "
@@ -165,8 +175,8 @@ class TrainConfig:
                              f"got {self.random_erasing}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
-        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
-            raise ValueError(f"bf16 must be true, false or auto, got {self.bf16!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         self._check_fine_tuning()
         self._check_distillation()
 
@@ -235,13 +245,34 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     hints = typing.get_type_hints(TrainConfig)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     converted = {}
-    for key, value in values.items():
+    for key, value in read_amp(values, source).items():
         name = key.replace("-", "_")
         if name not in fields:
             raise ValueError(f"{source}: unknown option {key!r}; known options: "
                              f"{', '.join(sorted(fields))}")
         converted[name] = _coerce(value, hints[name], f"{source}: {key}")
     return TrainConfig(**converted)
+
+
+def read_amp(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """`values` with amp as TrainConfig takes it: YAML's `amp: off` (read as false) as
+    "off", and an older recipe's or checkpoint's bf16 (true, false or auto) as the amp it
+    means (bf16, off or auto), refused where an amp beside it says otherwise."""
+    values = dict(values)
+    if values.get("amp") is False:
+        values["amp"] = "off"
+    key = next((k for k in values if k.replace("-", "_") == "bf16"), None)
+    if key is None:
+        return values
+    bf16 = values.pop(key)
+    if not (isinstance(bf16, bool) or bf16 == "auto"):
+        raise ValueError(f"{source}: bf16 must be true, false or auto (it means amp: bf16, "
+                         f"off or auto), got {bf16!r}")
+    amp = values.setdefault("amp", BF16_AS_AMP[bf16])
+    if amp != BF16_AS_AMP[bf16]:
+        raise ValueError(f"{source}: bf16: {str(bf16).lower()} means amp: "
+                         f"{BF16_AS_AMP[bf16]}, but amp is {amp!r}; keep amp only")
+    return values
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -262,8 +293,6 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         elif origin in (int, str, bool) and type(value) is origin:
             return value
-        elif origin is Literal and isinstance(value, str) and value in typing.get_args(option):
-            return value  # a word an option takes besides its type's values: bf16's "auto"
     wanted = " or ".join(_type_name(o) for o in options if o is not type(None))
     raise ValueError(f"{where} must be {wanted}, got {value!r}")
 
@@ -278,8 +307,6 @@ def _type_name(hint: Any) -> str:
         return f"a list of {len(typing.get_args(hint))} numbers"
     if origin is dict:
         return "a mapping"
-    if origin is Literal:
-        return " or ".join(map(str, typing.get_args(hint)))
     return f"a {hint.__name__}"
 
 
@@ -303,7 +330,9 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> TrainConfig:
 
     model_kwargs are merged key by key, so overriding `depth` keeps the recipe's patch_size.
     """
-    values = read_yaml_options(path)
+    # Each source's bf16 read as amp on its own, so the command line's amp wins a recipe's.
+    values = read_amp(read_yaml_options(path), str(path))
+    overrides = read_amp(overrides, "command line")
     if isinstance(values.get("model_kwargs"), dict) and "model_kwargs" in overrides:
         overrides = {**overrides,
                      "model_kwargs": {**values["model_kwargs"], **overrides["model_kwargs"]}}

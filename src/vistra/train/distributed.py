@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from vistra.accel.capabilities import resolve_device
+
 # Ranks wait in a collective while rank 0 scans the data folder, decoding every image: a
 # million files take hours on a slow disk, far beyond torch's 30-minute default. Failures
 # do not wait for it: a process that fails closes its connections.
@@ -55,13 +57,12 @@ class DistContext:
 
 
 def init_distributed(device: str | None = None) -> DistContext:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on GPUs)."""
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on GPUs). A
+    process of several on CUDA takes the GPU of its LOCAL_RANK unless `device` names one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)  # None: cuda where there is one
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world_size > 1 else 0)
     if world_size > 1 and not dist.is_initialized():

@@ -30,7 +30,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vistra.accel import accelerate_training, resolve_dtype
+from vistra.accel import (
+    accelerate_training,
+    amp_dtype,
+    describe_device,
+    device_has_bf16,
+    enable_tf32,
+    resolve_amp,
+)
 from vistra.data import (
     DatasetSplit,
     MixupCutmix,
@@ -145,15 +152,17 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) 
     clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
     run = _start_run(cfg, ctx, run_dir, saved)
     clock -= sum(run.epoch_times)
-    cfg = run.cfg  # with bf16 resolved
+    cfg = run.cfg  # with amp resolved
+    first_epoch = run.epoch + 1  # of this process: a compiled model compiles in its first step
     with _stops_explained(run):
         while run.epoch < run.planned and not run.out_of_patience:
             run.epoch += 1
             start = time.perf_counter()
             run.sampler.set_epoch(run.epoch)
-            train_loss, train_acc = train_one_epoch(run.net, run.train_loader, run.optimizer,
-                                                    run.scheduler, cfg, ctx, run.epoch, run.ema,
-                                                    run.mixer, run.planned, run.objective)
+            train_loss, train_acc = train_one_epoch(
+                run.net, run.train_loader, run.optimizer, run.scheduler, cfg, ctx, run.epoch,
+                run.ema, run.mixer, run.planned, run.objective, scaler=run.scaler,
+                time_first_step=cfg.compile and run.epoch == first_epoch)
             record, (which, top1, weights) = _validate_epoch(run, train_loss, train_acc)
             improved = top1 > run.best.top1
             if improved:
@@ -181,7 +190,7 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     EMA, loaders, optimizer and schedule built (and restored), rank 0's run files opened."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg = resolve_bf16(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
+    cfg = choose_amp(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
     teacher = None
     if cfg.teacher:  # every process runs its own copy on its own batches
         teacher = load_teacher(cfg.teacher, ctx.device)
@@ -199,7 +208,9 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
     ema = ModelEma(model, cfg.ema_decay) if cfg.ema else None
     train_loader, sampler, val_loader = build_loaders(split, model, cfg, ctx)
     split.images.clear()  # the loaders' caches hold them now, in the model's mode
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)  # fused on CUDA
+    # fp16's gradients underflow unscaled; the scaler's state is saved in last.ckpt
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)  # optimizer steps
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
     mixer = None
@@ -210,10 +221,13 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
                    RunIdentity.of(split, cfg.data, ctx.world_size, steps_per_epoch),
                    model=model, net=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                    train_loader=train_loader, sampler=sampler, val_loader=val_loader,
-                   mixer=mixer, objective=_objective(cfg, ctx, model, split, teacher))
+                   mixer=mixer, objective=_objective(cfg, ctx, model, split, teacher),
+                   scaler=scaler)
     _describe_optimisation(run)
     if saved is not None:
         run.load_state_dict(saved)
+    if cfg.compile:  # in place: the same module, parameters and state-dict keys
+        model.compile()
     if ctx.distributed:
         run.net = DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
@@ -291,17 +305,27 @@ def _open_run_files(run: RunState, resumed: bool) -> None:
     _say(run.ctx, run.cfg, f"run directory: {run.run_dir}")
 
 
-def resolve_bf16(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
-    """`cfg` with bf16 auto decided for this run's device: on where it computes bf16 natively
-    (vistra.accel.resolve_dtype), rank 0's decision on every rank. true and false pass
-    through, so a resumed run keeps the choice its checkpoint recorded."""
-    if cfg.bf16 != "auto":
+def choose_amp(cfg: TrainConfig, ctx: DistContext) -> TrainConfig:
+    """`cfg` with amp auto decided for this run's device (vistra.accel.resolve_amp: bf16
+    where native, fp16 on older GPUs, else off), rank 0's decision on every rank; bf16, fp16
+    and off pass through, so a resumed run keeps the choice its checkpoint recorded. Says
+    once which device trains and, on a GPU with TF32, that fp32 matrix products use it."""
+    if enable_tf32(ctx.device):
+        _say(ctx, cfg, f"device: {describe_device(ctx.device)}; TF32 on for fp32 matrix "
+                       "products")
+    else:
+        _say(ctx, cfg, f"device: {describe_device(ctx.device)}")
+    if cfg.amp != "auto":
         return cfg
-    on = broadcast_from_main(resolve_dtype("auto", "torch", str(ctx.device)) == "bf16", ctx)
-    why = "a CUDA device" if ctx.device.type == "cuda" else \
-        f"this CPU {'has' if on else 'has no'} bf16 arithmetic"
-    _say(ctx, cfg, f"bf16: {'on' if on else 'off'} (auto: {why})")
-    return replace(cfg, bf16=on)
+    amp = broadcast_from_main(resolve_amp("auto", ctx.device), ctx)
+    native = device_has_bf16(ctx.device)
+    if ctx.device.type == "cuda":
+        why = "the GPU computes bf16 natively" if native else \
+            "the GPU has no native bf16: fp16 with a gradient scaler"
+    else:
+        why = f"this CPU {'has' if native else 'has no'} bf16 arithmetic"
+    _say(ctx, cfg, f"amp: {amp} (auto: {why})")
+    return replace(cfg, amp=amp)
 
 
 def _prepare_data(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
@@ -372,22 +396,30 @@ def _steps(batches: Iterable, accum_steps: int) -> Iterator[list]:
 def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainConfig,
                     ctx: DistContext, epoch: int, ema: ModelEma | None,
                     mixer: MixupCutmix | None, epochs: int,
-                    objective: Objective | None = None) -> tuple[float, float]:
+                    objective: Objective | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
+                    time_first_step: bool = False) -> tuple[float, float]:
     """One pass over this process's shard; returns (loss, accuracy) over all processes.
 
     Each optimizer step follows cfg.accum_steps batches, each batch's loss weighed by its
     share of the step's images: the gradient of the mean loss over them all, as one batch
     of them would give. Accuracy is of the argmax against the image's own label (under
     mixup, the label of the image that dominates the blend only by chance, so it reads low).
+    The forward runs under cfg.amp's autocast (resolved: bf16, fp16 or off); with fp16,
+    `scaler` scales the loss and skips a step whose gradients overflowed. The sums stay on
+    the device, read once per step. `time_first_step`: say what the first step took (a
+    compiled model compiles in it) and leave it out of the images/s.
     """
     objective = objective or Objective()
+    scaler = scaler or torch.amp.GradScaler(ctx.device.type, enabled=False)
+    autocast = amp_dtype(cfg.amp)
     model.train()
     torch.manual_seed(draw_seed(cfg.seed, epoch, -1 - ctx.rank))  # dropout, mixup draws
-    sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss * n, correct, n
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                disable=not ctx.is_main or cfg.quiet, dynamic_ncols=True)
-    start = time.perf_counter()
-    for group in _steps(bar, cfg.accum_steps):
+    start, untimed = time.perf_counter(), 0.0  # images left out of the images/s
+    for step, group in enumerate(_steps(bar, cfg.accum_steps)):
         step_images = sum(targets.shape[0] for _, targets in group)
         optimizer.zero_grad(set_to_none=True)
         for i, (images, targets) in enumerate(group):
@@ -403,32 +435,44 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, cfg: TrainCo
             last = i == len(group) - 1
             with nullcontext() if last or not isinstance(model, DistributedDataParallel) \
                     else model.no_sync():
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(ctx.device.type, dtype=autocast,
+                                    enabled=autocast is not None):
                     output = model(images)
                 loss = _loss(output, goal, smoothing, teacher_logits, objective)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; "
-                                             "lower --lr, add --warmup-epochs or --clip-grad")
-                (loss * (targets.shape[0] / step_images)).backward()
+                scaler.scale(loss * (targets.shape[0] / step_images)).backward()
             n = targets.shape[0]
-            correct = (mean_logits(output).argmax(1) == targets).sum().item()
-            sums += torch.tensor([loss.item() * n, correct, n], dtype=torch.float64)
+            sums[0] += loss.detach().double() * n
+            sums[1] += (mean_logits(output).argmax(1) == targets).sum()
+            sums[2] += n
         if cfg.clip_grad:
+            scaler.unscale_(optimizer)  # the norm of the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         if ema is not None:
             ema.update(_unwrap(model))
+        loss_sum, correct, count = sums.tolist()  # the step's one wait for the device
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} in epoch {epoch}; "
+                                     "lower --lr, add --warmup-epochs or --clip-grad")
+        if step == 0 and time_first_step:
+            _say(ctx, cfg, f"torch.compile: the first step took "
+                           f"{time.perf_counter() - start:.1f} s (compiling); images/s "
+                           "from the second step on")
+            start, untimed = time.perf_counter(), count
         seconds = time.perf_counter() - start
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", acc=f"{sums[1] / sums[2]:.1%}",
-                        img_s=f"{sums[2] * ctx.world_size / seconds:.0f}", refresh=False)
+        if count > untimed and seconds > 0:
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.1%}",
+                            img_s=f"{(count - untimed) * ctx.world_size / seconds:.0f}",
+                            refresh=False)
     sums = all_reduce_sum(sums, ctx)
     return float(sums[0] / sums[2]), float(sums[1] / sums[2])
 
 
 def _validate(model: nn.Module, loader, num_classes: int, cfg: TrainConfig,
               ctx: DistContext) -> EvalTotals:
-    local = run_evaluation(model, loader, num_classes, ctx.device, cfg.bf16)
+    local = run_evaluation(model, loader, num_classes, ctx.device, amp_dtype(cfg.amp))
     return EvalTotals.from_tensor(all_reduce_sum(local.as_tensor(), ctx), num_classes)
 
 

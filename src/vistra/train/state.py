@@ -92,7 +92,7 @@ class RunIdentity:
 class RunState:
     """Everything a run carries from one epoch to the next, on every process."""
 
-    cfg: TrainConfig  # bf16 resolved: what config.yaml and the checkpoints record
+    cfg: TrainConfig  # amp resolved: what config.yaml and the checkpoints record
     ctx: DistContext
     run_dir: Path
     split: DatasetSplit
@@ -107,6 +107,9 @@ class RunState:
     val_loader: DataLoader
     mixer: MixupCutmix | None
     objective: Objective = field(default_factory=Objective)  # class weights, the teacher
+    # fp16's loss scale (disabled, and its state empty, for other precisions)
+    scaler: torch.amp.GradScaler = field(
+        default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     epoch: int = 0  # the epoch under way, or the last one done between epochs
     # the epoch whose state last.ckpt holds (rank 0 writes it; the others know the start)
     checkpointed: int = 0
@@ -135,6 +138,7 @@ class RunState:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
+                "scaler": self.scaler.state_dict(),
                 "history": self.history, "run": self.identity.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -150,6 +154,8 @@ class RunState:
                              f"as this version of vistra builds it ({_one_line(err)}); resume "
                              "it with the version that wrote it") from err
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # absent from checkpoints written before fp16 (none ran it)
+            self.scaler.load_state_dict(state["scaler"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_peak_lr(self.scheduler, self.cfg.lr)  # a resume may give a new --lr
         self.best = Best(state["best_top1"], state["best_epoch"], state["best_weights"])

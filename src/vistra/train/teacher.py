@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vistra.accel import optimize, resolve_dtype
+from vistra.accel.capabilities import TORCH_DTYPES
 from vistra.factory import create_model
 from vistra.fileio import file_sha256
 from vistra.models import DataConfig
@@ -106,7 +107,7 @@ class TeacherModel:
     classes: list[str] | None
     num_classes: int | None
     run: Callable[[torch.Tensor], torch.Tensor]
-    dtype: str  # what it computes in: fp32 or bf16
+    dtype: str  # what it computes in: fp32, bf16 or fp16
 
 
 def load_teacher(source: str, device: torch.device | str = "cpu",
@@ -114,8 +115,8 @@ def load_teacher(source: str, device: torch.device | str = "cpu",
     """The teacher `source` names: an .onnx file (`vistra export`; run by onnxruntime on
     the CPU), a vistra checkpoint (`vistra train`, `vistra convert`), or a weights name in
     the local HuggingFace cache (a timm-tagged model name, hf-hub:ORG/NAME or ORG/NAME).
-    dtype: fp32, bf16, or auto: bf16 where the device computes it natively
-    (vistra.accel.resolve_dtype)."""
+    dtype: fp32, bf16, fp16, or auto: bf16 where the device computes it natively, fp16 on
+    an older GPU (vistra.accel.resolve_dtype)."""
     device = torch.device(device)
     path = Path(source)
     if path.suffix.lower() == ".onnx":
@@ -140,7 +141,7 @@ def load_teacher(source: str, device: torch.device | str = "cpu",
             "cache (a timm-tagged model name such as vit_small_patch16_224.augreg_in21k_ft_in1k,"
             " hf-hub:ORG/NAME or ORG/NAME)")
     chosen = resolve_dtype(dtype, "torch", str(device))
-    compute = torch.bfloat16 if chosen == "bf16" else torch.float32
+    compute = TORCH_DTYPES[chosen]
     model = optimize(model, compute)
 
     def run(batch: torch.Tensor) -> torch.Tensor:

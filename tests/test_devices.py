@@ -4,6 +4,10 @@ CPUs without bf16; TF32 only on GPUs that have it; vistra.optimize and the train
 attention touch a model only on the CPU; the fused optimizer step on CUDA. The GPU's own
 side runs in tests/test_gpu.py (pytest -m gpu)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -188,3 +192,12 @@ def test_the_optimizer_step_is_fused_on_cuda_and_foreach_elsewhere(monkeypatch, 
     monkeypatch.setattr(vistra.train.optim, "_on_cuda", lambda model: True)
     optimizer = build_optimizer(model, cfg)
     assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_the_gpu_benchmark_says_there_is_no_gpu_to_measure_here():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    assert "no CUDA GPU" in done.stderr and "gpu_check.sh" in done.stderr

@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime gives eager PyTorch's logits for every family, at any batch and
 at a second image size from the same file (or the file refuses the size); the metadata
-carries what prediction needs; int8 keeps the fp32 model's answers."""
+carries what prediction needs; int8, dynamic or static from calibration images, keeps the fp32
+model's answers."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from vistra.data import find_images, load_rgb
 from vistra.fileio import file_sha256
 from vistra.models import get_family
 from vistra.onnx import (
+    calibration_images,
     export_onnx_bytes,
     foreign_ops,
     quantize_int8,
@@ -236,10 +238,85 @@ def test_int8_agrees_with_fp32_and_is_smaller(trained_checkpoint, tmp_path, caps
     assert f"wrote {int8}" in printed and printed.count("top-1 on") == 2
     assert read_onnx_metadata(int8).quantization == "int8-dynamic-per-channel"
     assert int8.stat().st_size < 0.5 * out.stat().st_size
-    images, _ = find_images([MINI / "test"])
-    fp32, _ = predict_images(load_classifier(out), images, topk=1)
-    q, _ = predict_images(load_classifier(int8), images, topk=1)
-    agree = np.mean([a.topk[0][0] == b.topk[0][0] for a, b in zip(fp32, q, strict=True)])
-    assert agree >= 0.99
+    assert top1_agreement(out, int8, MINI / "test") >= 0.99
     with pytest.raises(FileExistsError):
         quantize_int8(out, int8)
+
+
+def top1_agreement(model: Path, other: Path, folder: Path) -> float:
+    """The share of the folder's images on which the two files' top classes agree."""
+    images, _ = find_images([folder])
+    first, _ = predict_images(load_classifier(model), images, topk=1)
+    second, _ = predict_images(load_classifier(other), images, topk=1)
+    return float(np.mean([a.topk[0][0] == b.topk[0][0]
+                          for a, b in zip(first, second, strict=True)]))
+
+
+@pytest.mark.slow
+def test_static_int8_agrees_with_fp32_and_is_smaller_than_dynamic(trained_checkpoint, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(trained_checkpoint), "--out", str(out), "--int8",
+                 "--calibrate", str(MINI / "train")]) == 0
+    int8 = tmp_path / "model.int8.onnx"
+    assert (f"wrote {int8}" in (printed := capsys.readouterr().out)
+            and f"int8, static, calibrated on 200 images of {MINI / 'train'}" in printed)
+    meta = read_onnx_metadata(int8)
+    assert (meta.quantization, meta.calibration_images) == ("int8-static-qdq-per-channel", 200)
+    assert meta.classes == read_onnx_metadata(out).classes
+    # Every Conv (the patch embedding), MatMul and Gemm computes on quantised inputs.
+    graph = onnx.load(str(int8)).graph
+    made_by = {name: node.op_type for node in graph.node for name in node.output}
+    layers = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
+    assert {node.op_type for node in layers} == {"Conv", "MatMul", "Gemm"}
+    assert all(made_by.get(name) == "DequantizeLinear"
+               for node in layers for name in node.input[:2])
+    assert not foreign_ops(onnx.load(str(int8)))
+    dynamic = quantize_int8(out, tmp_path / "dynamic.onnx")
+    assert int8.stat().st_size < dynamic.stat().st_size
+    classifier = load_classifier(int8)
+    assert (classifier.backend, classifier.dtype) == ("onnx", "int8")
+    assert top1_agreement(out, int8, MINI / "test") >= 0.99
+
+
+def test_static_int8_needs_int8_and_a_calibration_folder_with_images(fmnist_checkpoint,
+                                                                      tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    out = tmp_path / "model.onnx"
+    export = ["export", str(fmnist_checkpoint), "--out", str(out)]
+    for args, message in [
+            (["--int8", "--calibrate", str(tmp_path / "missing")],
+             f"calibration folder {tmp_path / 'missing'} does not exist"),
+            (["--int8", "--calibrate", str(empty)],
+             f"calibration folder {empty} holds no image files it can read"),
+            (["--int8", "--calibrate", str(fmnist_checkpoint)],
+             f"calibration folder {fmnist_checkpoint} is not a folder"),
+            (["--calibrate", str(MINI / "train")], "--calibrate is for static int8: add --int8"),
+            (["--int8", "--calibration-images", "10"], "--calibration-images needs --calibrate"),
+            (["--int8", "--calibrate", str(MINI / "train"), "--calibration-images", "0"],
+             "calibration images must be at least 1, got 0")]:
+        assert main(export + args) == 2
+        errors = capsys.readouterr().err.splitlines()
+        assert len(errors) == 1 and message in errors[0], errors
+        assert not out.exists()  # refused before the export ran
+
+
+def test_a_calibration_image_that_cannot_be_read_is_named(fmnist_checkpoint, tmp_path, capsys):
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(fmnist_checkpoint), "--out", str(out), "--int8",
+                 "--calibrate", str(folder)]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and f"calibration image {folder / 'broken.png'} cannot be read" in (
+        errors[0]), errors
+    assert not (tmp_path / "model.int8.onnx").exists()
+
+
+def test_calibration_images_are_spread_over_the_classes():
+    chosen = calibration_images(MINI / "test", 20)
+    assert len(chosen) == 20 and len({p.parent.name for p in chosen}) == 10
+    assert len(calibration_images(MINI / "test" / "Bag", 1000)) == 50  # all, when fewer

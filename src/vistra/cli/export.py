@@ -1,5 +1,6 @@
 """`vistra export CHECKPOINT --out model.onnx`: an ONNX file that carries its preprocessing
-and class names, verified against PyTorch; with --int8 a dynamically quantised copy too."""
+and class names, verified against PyTorch; with --int8 a quantised copy too, dynamic, or
+static with activations calibrated on --calibrate's images."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import argparse
 from pathlib import Path
 
 from vistra.evaluate import evaluate_checkpoint
-from vistra.onnx import DEFAULT_OPSET, export_checkpoint, quantize_int8
+from vistra.onnx import (
+    DEFAULT_CALIBRATION_IMAGES,
+    DEFAULT_OPSET,
+    calibration_images,
+    export_checkpoint,
+    quantize_int8,
+    quantize_int8_static,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +29,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a .safetensors written by `vistra train` or `convert`")
     p.add_argument("--out", required=True, metavar="PATH", help="the .onnx file to write")
     p.add_argument("--int8", action="store_true",
-                   help="also write PATH with .int8.onnx: int8 weights, dynamic quantisation "
-                        "(onnxruntime); prints both files' sizes")
+                   help="also write PATH with .int8.onnx: int8 weights by onnxruntime, "
+                        "activations quantised per batch at run time (dynamic) or, with "
+                        "--calibrate, from ranges measured once (static); prints both files' "
+                        "sizes")
     p.add_argument("--per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
+    p.add_argument("--calibrate", metavar="DIR",
+                   help="with --int8: static quantisation (QDQ), every Conv, MatMul and Gemm "
+                        "integer, activation ranges measured on DIR's images (listed as "
+                        "`vistra predict` lists a folder, preprocessed as for evaluation): "
+                        "images like those the model will classify")
+    p.add_argument("--calibration-images", type=int, metavar="N",
+                   help="with --calibrate: calibrate on N images, spread over DIR "
+                        f"(default: {DEFAULT_CALIBRATION_IMAGES}, or all when DIR holds fewer)")
     p.add_argument("--data", metavar="DIR",
                    help="an image folder (as for `vistra eval`): print the top-1 of the "
                         "exported file(s) on it")
@@ -43,9 +61,17 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"--out {out} should end in .onnx")
     int8_out = out.with_name(f"{out.stem}.int8{out.suffix}")
+    if args.calibrate is None and args.calibration_images is not None:
+        raise ValueError("--calibration-images needs --calibrate DIR (and --int8)")
+    if args.calibrate is not None and not args.int8:
+        raise ValueError("--calibrate is for static int8: add --int8, or leave --calibrate out")
     for path in [out] + ([int8_out] if args.int8 else []):
         if path.exists() and not args.force:
             raise ValueError(f"{path} exists; choose another --out or pass --force")
+    count = (DEFAULT_CALIBRATION_IMAGES if args.calibration_images is None
+             else args.calibration_images)
+    # A calibration folder without images fails here, before the export runs.
+    calibrating = 0 if args.calibrate is None else len(calibration_images(args.calibrate, count))
     result = export_checkpoint(args.checkpoint, out, opset=args.opset, force=args.force)
     meta = result.metadata
     h, w = meta.data_config.img_size
@@ -61,9 +87,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"  max |onnxruntime - PyTorch| / max |logit|: {result.max_error:.1e}")
     files = [out]
     if args.int8:
-        quantize_int8(out, int8_out, per_channel=not args.per_tensor, force=args.force)
+        per_channel = not args.per_tensor
+        if args.calibrate is None:
+            quantize_int8(out, int8_out, per_channel=per_channel, force=args.force)
+            how = "dynamic"
+        else:
+            quantize_int8_static(out, int8_out, args.calibrate, images=count,
+                                 per_channel=per_channel, force=args.force)
+            how = f"static, calibrated on {calibrating} images of {args.calibrate}"
         ratio = int8_out.stat().st_size / out.stat().st_size
-        print(f"wrote {int8_out} ({_mb(int8_out)}, {100 * ratio:.0f}% of fp32)")
+        print(f"wrote {int8_out} ({_mb(int8_out)}, {100 * ratio:.0f}% of fp32): int8, {how}")
         files.append(int8_out)
     if args.data:
         for path in files:

@@ -1,5 +1,6 @@
 """What an exported file records about itself: the model's name, classes and preprocessing,
-the image sizes its graph computes right, the source checkpoint's hash and the quantisation,
+the image sizes its graph computes right, the source checkpoint's hash and the quantisation
+(with, for static int8, the number of calibration images),
 as ONNX metadata_props (values as JSON under `vistra.*`)."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class OnnxMetadata:
     min_size: int  # the smallest height and width the graph computes right
     source_sha256: str
     quantization: str = "none"
+    calibration_images: int = 0  # static int8: the images its activation ranges come from
 
     def to_props(self) -> dict[str, str]:
         dc = self.data_config
@@ -31,7 +33,8 @@ class OnnxMetadata:
                   "interpolation": dc.interpolation, "in_chans": self.in_chans,
                   "size_multiple": self.size_multiple, "min_size": self.min_size,
                   "source_sha256": self.source_sha256,
-                  "quantization": self.quantization}
+                  "quantization": self.quantization,
+                  "calibration_images": self.calibration_images}
         return {f"vistra.{k}": json.dumps(v) for k, v in values.items()}
 
     @classmethod
@@ -45,7 +48,8 @@ class OnnxMetadata:
                         std=tuple(v["std"]), crop_pct=v["crop_pct"],
                         interpolation=v["interpolation"])
         return cls(v["name"], v["classes"], dc, v["in_chans"], v["size_multiple"],
-                   v["min_size"], v["source_sha256"], v.get("quantization", "none"))
+                   v["min_size"], v["source_sha256"], v.get("quantization", "none"),
+                   v.get("calibration_images", 0))
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError naming the supported sizes when the graph cannot take this one."""

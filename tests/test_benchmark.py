@@ -141,7 +141,7 @@ def test_the_peak_is_the_fastest_gemm_and_names_it(monkeypatch):
     of the faster GEMM is at 100% of peak, never above."""
     import time
 
-    def fake_gemms(dtype, n):
+    def fake_gemms(dtype, n, device="cpu"):
         return {"torch.mm": lambda: time.sleep(0.02), "oneDNN": lambda: time.sleep(0.004)}
 
     monkeypatch.setattr(analysis_benchmark, "gemm_steps", fake_gemms)
@@ -184,3 +184,14 @@ def test_bf16_inference_runs_vistra_cast_and_the_peers_faster_path():
                               key=theirs.images_per_s_by_path.__getitem__)
     (also,) = [line for line in report.format().splitlines() if "also ran" in line]
     assert also.strip().startswith(f"hf {theirs.path} chosen")
+
+
+def test_a_compiled_models_first_step_is_timed_apart(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    report = benchmark(TINY, batch_size=2, repeats=1, warmup=0, compile=True,
+                       measure_memory=False, gemm_size=SMALL_GEMM)
+    (result,) = report.results
+    assert len(compiled) == 1 and result.compiled
+    assert result.first_step_s is not None and len(result.step_times_ms) == 1  # not timed
+    assert "vistra+c first step" in report.format() and "not in the figures" in report.format()

@@ -81,7 +81,8 @@ def test_a_device_torch_cannot_reach_is_refused_saying_what_to_pass(monkeypatch)
         resolve_device("cuda:2")
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "predict", "explain", "serve", "demo"])
+@pytest.mark.parametrize("command", ["train", "eval", "predict", "explain", "serve", "demo",
+                                     "benchmark"])
 def test_every_command_that_runs_a_model_takes_device(command, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([command, "--help"])

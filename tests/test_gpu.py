@@ -161,3 +161,16 @@ def test_torchrun_trains_on_two_gpus_with_the_global_batch_logged(data, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert "effective batch: 4 images x 1 accumulation step(s) x 2 processes = 8" in done.stdout
     assert load_training_state(tmp_path / "run" / "last.ckpt")["run"]["world_size"] == 2
+
+
+def test_the_benchmark_command_times_the_gpu(capsys):
+    for argv in (["--mode", "train", "--dtype", "bf16"], ["--compile"]):
+        assert main(["benchmark", "vit_fmnist", "--device", "cuda", "--batch-size", "8",
+                     "--repeats", "2", "--json", *argv]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["device"].startswith("cuda") and "compute capability" in report[
+            "device_name"]
+        (result,) = report["results"]
+        assert result["images_per_s"] > 0 and result["peak_memory_mb"] > 0
+        if "--compile" in argv:
+            assert result["compiled"] and result["first_step_s"] > 0

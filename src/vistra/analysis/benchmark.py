@@ -34,7 +34,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from vistra.accel import accelerate_training, optimize
-from vistra.accel.capabilities import cpu_has_bf16, probe
+from vistra.accel.capabilities import cpu_has_bf16, describe_device, probe
 from vistra.accel.kernels import onednn_gemm
 from vistra.models import build_model
 
@@ -75,6 +75,9 @@ class Result:
     path: str = ""
     # every path this library ran in this configuration, the reported one included
     images_per_s_by_path: dict[str, float] = field(default_factory=dict)
+    # the untimed first step (for a compiled model, torch.compile compiling); None in reports
+    # written before it was recorded, or run without warm-up
+    first_step_s: float | None = None
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Report:
     cpu_model: str = ""  # vistra.accel.probe().cpu_model; "" where the system reports none
     cpu_bf16: bool | None = None  # vistra.accel.capabilities.cpu_has_bf16()
     cpu_bf16_flags: list[str] = field(default_factory=list)  # probe().bf16_flags
+    device: str = "cpu"  # where the models and the GEMMs ran
+    device_name: str = ""  # vistra.accel.describe_device(device) for a GPU
 
     def speedup(self) -> float | None:
         """vistra's images/s over the peer's, when a peer ran."""
@@ -117,7 +122,10 @@ class Report:
             if others:
                 lines.append(f"  {r.impl} {r.path} chosen as its faster bf16 path; also ran "
                              + ", ".join(f"{p} {v:.2f} img/s" for p, v in others.items()))
-        lines.append(self.cpu_line())
+            if r.compiled and r.first_step_s is not None:
+                lines.append(f"  {impl} first step {r.first_step_s:.1f} s (torch.compile "
+                             "compiling; not in the figures)")
+        lines.append(self.cpu_line() if self.device == "cpu" else self.gpu_line())
         speedup = self.speedup()
         if speedup is not None:
             lines.append(f"vistra / HuggingFace images/s: {speedup:.2f}x")
@@ -137,6 +145,14 @@ class Report:
                 f"arithmetic: {bf16}; GEMM peak {peaks} GFLOP/s (same run)")
 
 
+    def gpu_line(self) -> str:
+        """The GPU and its GEMM peak in each dtype, for a run on one."""
+        peaks = ", ".join(f"{kind} {gflops / 1e3:.0f}"
+                          for kind, gflops in self.gemm_peak_gflops_by_dtype.items())
+        return (f"GPU: {self.device_name or self.device}; GEMM peak {peaks} TFLOP/s "
+                "(torch.mm, same run)")
+
+
 def malloc_heap_only() -> bool:
     """Have glibc serve every allocation from its heap and keep freed memory (mallopt
     M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB). By default it maps each allocation over 32 MiB
@@ -151,18 +167,23 @@ def malloc_heap_only() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE) -> tuple[Callable[[], None], int]:
+def gemm_step(dtype: torch.dtype, n: int = GEMM_SIZE,
+              device: str | torch.device = "cpu") -> tuple[Callable[[], None], int]:
     """A large square torch.mm into a preallocated output (a fresh one would add page-fault
     time that is no part of the GEMM), and its FLOPs."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype, device=device)
     return (lambda: torch.mm(a, b, out=out)), 2 * n**3
 
 
-def gemm_steps(dtype: torch.dtype, n: int = GEMM_SIZE) -> dict[str, Callable[[], object]]:
+def gemm_steps(dtype: torch.dtype, n: int = GEMM_SIZE,
+               device: str | torch.device = "cpu") -> dict[str, Callable[[], object]]:
     """The GEMMs this machine offers for an n x n x n product in `dtype`, by name (GEMMS):
-    torch.mm (MKL) always, oneDNN's linear where torch has it. Each does 2 n^3 FLOPs."""
-    steps: dict[str, Callable[[], object]] = {"torch.mm": gemm_step(dtype, n)[0]}
+    torch.mm (MKL on a CPU, cuBLAS on a GPU) always, oneDNN's linear where torch has it on
+    the CPU. Each does 2 n^3 FLOPs."""
+    steps: dict[str, Callable[[], object]] = {"torch.mm": gemm_step(dtype, n, device)[0]}
+    if torch.device(device).type != "cpu":
+        return steps
     onednn = onednn_gemm(torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype))
     if onednn is not None:
         steps["oneDNN"] = onednn
@@ -180,7 +201,8 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
     """One inference batch (under inference_mode) or one training step (forward, cross-entropy,
     backward, fused AdamW, gradients freed), under bf16 autocast when asked. cast: the model
     and x are already in bf16 (inference): they run as they are, without autocast."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16" and not cast)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16,
+                              enabled=dtype == "bf16" and not cast)
     if mode == "infer":
         model.eval()
 
@@ -192,7 +214,7 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
     # fused: one kernel per step on CPU instead of a dozen passes per parameter tensor, which
     # took a quarter of a ViT-S step; every model benchmarked gets the same optimizer.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    labels = torch.randint(0, 10, (x.shape[0],))
+    labels = torch.randint(0, 10, (x.shape[0],), device=x.device)
 
     def train() -> None:
         with autocast:
@@ -203,8 +225,16 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
     return train
 
 
-def peak_memory(step: Callable[[], None]) -> int:
-    """Bytes: the highest the allocator's net allocations reached during one call of `step`."""
+def peak_memory(step: Callable[[], None], device: str | torch.device = "cpu") -> int:
+    """Bytes: the highest the allocator's net allocations reached during one call of `step`
+    (on a GPU, from the CUDA allocator's statistics)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - held
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -229,9 +259,15 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _time(fn: Callable[[], None]) -> float:
+def _time(fn: Callable[[], None], device: torch.device | None = None) -> float:
+    """Seconds of one call of `fn`; on a GPU, up to the end of the work it queued."""
+    gpu = device is not None and device.type == "cuda"
+    if gpu:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if gpu:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -239,10 +275,12 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
               dtype: str = "fp32", mode: str = "infer", compile: bool = False,
               compare: str | None = None, repeats: int = 5, warmup: int = 1,
               measure_memory: bool = True, malloc_heap: bool = False, seed: int = 0,
-              gemm_size: int = GEMM_SIZE) -> Report:
-    """Time `name` (and, with compare="hf", its transformers twin) at `batch_size` images.
-    malloc_heap: call `malloc_heap_only` first (for the whole process, from then on).
-    gemm_size: the side of the square GEMMs that measure the peak (smaller in tests)."""
+              gemm_size: int = GEMM_SIZE, device: str = "cpu") -> Report:
+    """Time `name` (and, with compare="hf", its transformers twin) at `batch_size` images on
+    `device`. malloc_heap: call `malloc_heap_only` first (for the whole process, from then
+    on). gemm_size: the side of the square GEMMs that measure the peak (smaller in tests).
+    compile: through torch.compile, whose compiling first step is timed apart (a compiled
+    run has at least that one warm-up step)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if mode not in MODES:
@@ -255,12 +293,15 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
     heap = malloc_heap and malloc_heap_only()
     if malloc_heap and not heap:
         raise ValueError("--malloc-heap needs glibc's mallopt, not found on this system")
+    dev = torch.device(device)
+    if compile:
+        warmup = max(warmup, 1)
     torch.manual_seed(seed)
-    model = build_model(name, img_size=img_size)
+    model = build_model(name, img_size=img_size).to(dev)
     size = model.data_config.img_size
     macs = params_and_macs(name, model.arch)[1]
     gflop = 2 * macs / 1e9 * (3 if mode == "train" else 1)
-    x = torch.randn(batch_size, model.arch.in_chans, *size)
+    x = torch.randn(batch_size, model.arch.in_chans, *size, device=dev)
     # vistra as its commands run it: optimized for inference (bf16: cast once, as `vistra
     # predict` runs it), training-accelerated to train
     if mode == "train":
@@ -274,20 +315,23 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
     if compare == "hf":
         from .peers import hf_peer
 
-        peer = hf_peer(name, img_size)
+        peer = hf_peer(name, img_size).to(dev)
         steps["hf", AUTOCAST if dtype == "bf16" else FP32] = make_step(peer, x, mode, dtype)
         if cast:
             steps["hf", CAST] = make_step(copy.deepcopy(peer).to(torch.bfloat16), x.bfloat16(),
                                           mode, dtype, cast=True)
     gemms = {(kind, gemm): step for kind, torch_dtype in DTYPES.items()
-             for gemm, step in gemm_steps(torch_dtype, gemm_size).items()}
-    for step in [*gemms.values(), *steps.values()]:
-        for _ in range(warmup):
-            step()
+             for gemm, step in gemm_steps(torch_dtype, gemm_size, dev).items()}
+    first: dict[tuple[str, str], float] = {}  # the first warm-up step's seconds
+    for key, step in [*gemms.items(), *steps.items()]:
+        for i in range(warmup):
+            seconds = _time(step, dev)
+            if i == 0:
+                first[key] = seconds
     times: dict[tuple[str, str], list[float]] = {key: [] for key in [*gemms, *steps]}
     for _ in range(repeats):
         for key, step in [*gemms.items(), *steps.items()]:
-            times[key].append(_time(step))
+            times[key].append(_time(step, dev))
     gemm_gflops: dict[str, dict[str, float]] = {kind: {} for kind in DTYPES}
     for kind, gemm in gemms:
         gemm_gflops[kind][gemm] = 2 * gemm_size**3 / statistics.median(times[kind, gemm]) / 1e9
@@ -306,10 +350,10 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
             img_size=list(size), compiled=compile and impl == "vistra",
             latency_ms=latency * 1e3, images_per_s=batch_size / latency,
             gflop_per_image=gflop, achieved_gflops=achieved, fraction_of_peak=achieved / peak,
-            peak_memory_mb=(peak_memory(steps[impl, chosen]) / 2**20 if measure_memory
+            peak_memory_mb=(peak_memory(steps[impl, chosen], dev) / 2**20 if measure_memory
                             else float("nan")),
             step_times_ms=[t * 1e3 for t in times[impl, chosen]], path=chosen,
-            images_per_s_by_path=by_path))
+            images_per_s_by_path=by_path, first_step_s=first.get((impl, chosen))))
     gemm_names = " and ".join(GEMM_NAMES[g] for g in gemm_gflops[dtype])
     notes = [f"GEMM peak: the fastest of {gemm_names} of {gemm_size}x{gemm_size}, in fp32 and "
              f"in bf16, all timed in every round; 'of peak' is against the {dtype} one, "
@@ -325,9 +369,12 @@ def benchmark(name: str, *, batch_size: int = 16, img_size: int | None = None,
     if heap:
         notes.append("allocator: glibc heap only, freed memory kept (malloc_heap_only)")
     if measure_memory:
-        notes.append(MEMORY_NOTE)
+        notes.append(MEMORY_NOTE if dev.type == "cpu" else MEMORY_NOTE.replace(
+            "CPU allocator", "CUDA allocator").replace("torch.profiler's memory events",
+                                                       "torch.cuda's memory statistics"))
     cpu = probe()
     return Report(results, peak, torch.get_num_threads(), notes, gemm_peak_gflops_by_dtype=peaks,
                   gemm_peak_source_by_dtype={kind: gemm for kind, (gemm, _) in best.items()},
                   gemm_gflops_by_dtype=gemm_gflops, cpu_model=cpu.cpu_model,
-                  cpu_bf16=cpu_has_bf16(), cpu_bf16_flags=cpu.bf16_flags)
+                  cpu_bf16=cpu_has_bf16(), cpu_bf16_flags=cpu.bf16_flags, device=str(dev),
+                  device_name=describe_device(dev) if dev.type == "cuda" else "")

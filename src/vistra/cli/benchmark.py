@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from vistra.accel import resolve_device
 from vistra.analysis.benchmark import DTYPES, MODES, benchmark
+from vistra.cli.inference import add_device_option
 from vistra.output import to_json
 
 
@@ -34,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "AdamW step (default infer)")
     p.add_argument("--compile", action="store_true",
                    help="run vistra's model through torch.compile (compiling takes minutes "
-                        "on a small CPU; warm-up includes it)")
+                        "on a small CPU; the first warm-up step does it, reported apart)")
     p.add_argument("--compare", choices=["hf"], default=None,
                    help="also run HuggingFace transformers' equivalent (random init, same "
                         "numbers) and print the images/s ratio")
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "so tensors stop page-faulting on every forward (process-wide: both "
                         "libraries get it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_device_option(p)
     p.set_defaults(func=run)
 
 
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     report = benchmark(args.name, batch_size=args.batch_size, img_size=args.img_size,
                        dtype=args.dtype, mode=args.mode, compile=args.compile,
                        compare=args.compare, repeats=args.repeats, warmup=args.warmup,
-                       measure_memory=not args.no_memory, malloc_heap=args.malloc_heap)
+                       measure_memory=not args.no_memory, malloc_heap=args.malloc_heap,
+                       device=str(resolve_device(args.device)))
     print(to_json(report.to_dict(), indent=2) if args.json else report.format())
     return 0

@@ -50,7 +50,7 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", choices=AMP_MODES, default="off",
                    help="torch backend: the fp32 model under bf16 or fp16 autocast, as "
                         "training validates under --amp (auto: bf16 where native, fp16 on "
-                        "older GPUs, off on CPUs without bf16); with --dtype auto only "
+                        "older GPUs, off on CPUs without bf16); with --dtype auto or fp32 "
                         "(default: off, the cast of --dtype)")
     p.add_argument("--compile", action="store_true",
                    help="torch backend: run the model through torch.compile (the first "

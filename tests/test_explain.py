@@ -150,8 +150,10 @@ def test_scorecam_equals_its_authors_loop(stage):
 
     model = tiny_swin()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(stage))
-    cam, logits, stride = scorecam(model, x, torch.tensor([0, 2]), stage, batch_size=5)
-    assert stride == 4 * 2 ** stage and cam.shape == (2, 8 // 2 ** stage, 8 // 2 ** stage)
+    cam, logits, geometry = scorecam(model, x, torch.tensor([0, 2]), stage, batch_size=5)
+    stride = 4 * 2 ** stage  # a patch conv: each token in the middle of its square
+    assert geometry == (stride, (stride - 1) / 2)
+    assert cam.shape == (2, 8 // 2 ** stage, 8 // 2 ** stage)
     torch.testing.assert_close(cam, reference_scorecam(model, x, [0, 2], stage),
                                atol=1e-6, rtol=1e-5)
     assert cam.abs().max() > 1e-3  # not trivially equal
@@ -168,13 +170,13 @@ def test_gradcam_on_the_final_norm_is_cam_and_an_all_negative_map_stays_signed()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     read = []
     hook = model.norm.register_forward_hook(lambda m, i, o: read.append(o))
-    cam, _, stride = gradcam(model, x, torch.tensor([1, 2]), layer=model.norm)
+    cam, _, geometry = gradcam(model, x, torch.tensor([1, 2]), layer=model.norm)
     hook.remove()
     features = read[0].detach()
     h, w = features.shape[1:3]
     expected = (features @ model.head.weight[[1, 2]].detach().T)  # [B, h, w, 2]
     expected = torch.stack([expected[0, ..., 0], expected[1, ..., 1]]) / (h * w)
-    assert stride == 8 and cam.shape == (2, h, w)
+    assert geometry.stride == 8 and cam.shape == (2, h, w)
     assert (expected > 0).any() and (expected < 0).any()  # the ReLU has work to do
     torch.testing.assert_close(cam, expected.clamp(min=0), atol=1e-6, rtol=1e-5)
 
@@ -230,7 +232,8 @@ def test_pil_map_is_at_the_images_size_and_zero_outside_the_centre_crop():
 def test_explain_is_the_top_level_function_and_leaves_the_model_as_it_was():
     model = vistra.create_model("swin_fmnist").train()
     assert vistra.explain is explain
-    assert methods_for(model) == ("gradcam", "scorecam", "window")
+    assert methods_for(model) == ("gradcam", "scorecam", "window", "occlusion", "rise",
+                                  "gradient")
     e = vistra.explain(model, torch.randn(1, 28, 28), target=3)
     assert e.target == 3 and e.map.shape == (28, 28)
     assert model.training

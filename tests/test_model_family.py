@@ -18,7 +18,7 @@ import vistra.models.registry as registry_module
 from vistra.analysis.complexity import model_cost, stages, unmodelled_fields
 from vistra.cli import main
 from vistra.explain import default_method, methods_for
-from vistra.explain.generic import occlusion
+from vistra.explain.perturbation import occlusion
 from vistra.models import (
     ModelFamily,
     SwinConfig,
@@ -184,7 +184,7 @@ def test_trains_an_epoch_and_its_best_checkpoint_answers_as_the_trained_model(to
 
 def test_explained_by_its_declared_default_at_the_inputs_size(toy):
     model = vistra.create_model(toy).eval()
-    assert methods_for(model) == ("occlusion", "gradient")
+    assert methods_for(model) == ("occlusion", "rise", "gradient")  # rise: any model's
     assert default_method(model) == "occlusion"
     e = vistra.explain(model, torch.randn(3, 32, 32))
     assert e.method == "occlusion" and e.map.shape == (32, 32)
@@ -195,19 +195,22 @@ def test_explained_by_its_declared_default_at_the_inputs_size(toy):
         vistra.explain(model, torch.randn(3, 32, 32), method="rollout")
 
 
-def test_occlusion_is_the_probability_drop_of_each_hidden_token(toy):
+def test_occlusion_is_the_log_probability_drop_of_each_hidden_token(toy):
+    """Windows of one token, stride one token: each token's square holds its own drop."""
     model = vistra.create_model(toy).eval()
     x = torch.randn(1, 3, 32, 32)
-    drops, _ = occlusion(model, x, torch.tensor([2]), patch=8, batch_size=5)
-    assert drops.shape == (1, 4, 4)
+    drops, _ = occlusion(model, x, torch.tensor([2]), window=8, stride=8, batch_size=5)
+    assert drops.shape == (1, 32, 32)
+    colour = x.mean((2, 3), keepdim=True)  # what hides a window: the image's mean colour
     with torch.no_grad():
-        base = model(x).softmax(-1)[0, 2]
+        base = model(x).log_softmax(-1)[0, 2]
         for r in range(4):
             for c in range(4):
+                square = (..., slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8))
                 hidden = x.clone()
-                hidden[..., 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 0
-                expected = base - model(hidden).softmax(-1)[0, 2]
-                torch.testing.assert_close(drops[0, r, c], expected)
+                hidden[square] = colour
+                expected = base - model(hidden).log_softmax(-1)[0, 2]
+                torch.testing.assert_close(drops[0][square[1:]], expected.expand(8, 8))
 
 
 def test_a_family_that_declares_no_methods_is_explained_by_the_input_gradient(toy):

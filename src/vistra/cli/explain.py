@@ -1,4 +1,4 @@
-"""`vistra explain CHECKPOINT IMAGE...`: heat maps of where the model looked, and with
+"""`vistra explain MODEL IMAGE...`: heat maps of where the model looked, and with
 `--evaluate` how faithful each method's maps are (deletion / insertion AUC)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from vistra.explain import METHODS, default_method, methods_for
-from vistra.explain.files import evaluate_folder, explain_files
-from vistra.weights import load_checkpoint
+from vistra.explain.files import evaluate_folder, explain_files, load_explainable
+from vistra.explain.perturbation import RISE_MASKS, Model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,13 +22,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "DIR/<name>.<method>.npy (the map, floats in [0, 1]). Methods: rollout "
                     "and grad-rollout (default) for ViT / DeiT; gradcam (default), scorecam "
                     "(slower: a forward pass per channel of the map, the most faithful) and "
-                    "window for Swin. Existing files are never replaced without --force.")
-    p.add_argument("checkpoint", help="a vistra .safetensors (trained or converted)")
+                    "window for Swin; for every model gradient, and occlusion and rise, "
+                    "which only run the model and so also explain an .onnx file (occlusion "
+                    "its default). Existing files are never replaced without --force.")
+    p.add_argument("checkpoint", metavar="MODEL",
+                   help="a vistra .safetensors (trained or converted), or an .onnx file from "
+                        "vistra export (occlusion and rise, in onnxruntime)")
     p.add_argument("paths", nargs="*", metavar="IMAGE_OR_FOLDER",
                    help="image files or folders (searched recursively)")
     p.add_argument("--method", nargs="+", metavar="M",
                    help=f"one or more of {', '.join(METHODS)}, or all (those that apply to "
-                        "the model); default: grad-rollout for ViT, gradcam for Swin")
+                        "the model); default: grad-rollout for ViT, gradcam for Swin, "
+                        "occlusion for an .onnx file")
     p.add_argument("--out", metavar="DIR", help="folder for the maps (created if missing)")
     p.add_argument("--target", metavar="CLASS",
                    help="explain this class (name or index) instead of the predicted one")
@@ -48,6 +53,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the Swin stage whose LayerNorm entering its last block gradcam and "
                         "scorecam read (0 = the first, -1 = the last; default: the last "
                         "for gradcam, the first for scorecam)")
+    p.add_argument("--window", type=int, metavar="PX",
+                   help="occlusion: the side of the hidden square in input pixels (default: "
+                        "a seventh of the input's shorter side)")
+    p.add_argument("--stride", type=int, metavar="PX",
+                   help="occlusion: pixels between windows (default: half the window)")
+    p.add_argument("--masks", type=int, default=RISE_MASKS, metavar="N",
+                   help=f"rise: the number of random masks (default: {RISE_MASKS})")
+    p.add_argument("--seed", type=int, default=0,
+                   help="rise: the seed the masks are drawn from (default: 0)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "
@@ -80,14 +94,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--evaluate needs --data DIR, a folder of labelled images")
     if args.road and not args.evaluate:
         raise ValueError("--road is a faithfulness score: add --evaluate --data DIR")
-    for option in ("topk", "limit", "steps"):
+    for option in ("topk", "limit", "steps", "masks"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option} must be 1 or more, got {getattr(args, option)}")
     if args.target is not None and args.topk > 1:
         raise ValueError("choose --target or --topk, not both")
-    model = load_checkpoint(args.checkpoint, device=args.device).eval()
+    for option in ("window", "stride"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be 1 pixel or more, got {getattr(args, option)}")
+    model = load_explainable(args.checkpoint, args.device)
+    if args.evaluate and not isinstance(model, torch.nn.Module):
+        raise ValueError("--evaluate needs the PyTorch model (its sanity check re-initialises "
+                         "it): give the .safetensors checkpoint the .onnx file came from")
     methods = _methods(model, args.method)
-    options = dict(block=args.block, query=_query(args.query), stage=args.stage)
+    options = dict(block=args.block, query=_query(args.query), stage=args.stage,
+                   window=args.window, stride=args.stride, masks=args.masks, seed=args.seed)
     failed: list[tuple[Path, str]] = []
     if args.paths:
         failed = explain_files(model, args.paths, methods, Path(args.out), target=args.target,
@@ -101,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _methods(model: torch.nn.Module, asked: list[str] | None) -> list[str]:
+def _methods(model: Model, asked: list[str] | None) -> list[str]:
     available = methods_for(model)
     if not asked:
         return [default_method(model)]

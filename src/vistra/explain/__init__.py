@@ -13,12 +13,15 @@ function, as the attribute wins there).
 
 Methods: each model family declares those that apply to it, its default first (its
 `explain_methods`, models/family.py): `rollout` and `grad-rollout` (the default) for ViT /
-DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin; `gradient` and
-`occlusion` work on any model, and are the methods of a family that declares none. Each runs
-the model's own forward (the plain model; an optimized one takes its plain path while
-gradients or recorded attention weights are asked for); attention weights are recorded only
-for the duration of the call. A new method is its module and its entry in METHODS (and, if
-it suits some families only, their `explain_methods`).
+DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin. `gradient`,
+`occlusion` and `rise` work on any model (the first two are the methods of a family that
+declares none); `occlusion` and `rise` only run it, so they also explain a Classifier
+(vistra.runtime, an .onnx file in onnxruntime included) or any function batch -> logits,
+whose default is `occlusion`. Each runs the model's own forward (the plain model; an
+optimized one takes its plain path while gradients or recorded attention weights are asked
+for); attention weights are recorded only for the duration of the call. Token maps are
+placed where each token sees (`generic.spread`). A new method is its module and its entry in
+METHOD_TABLE (and, if it suits some families only, their `explain_methods`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from PIL import Image
 from torch import nn
 
 from vistra.data import eval_transform
-from vistra.models import get_family
+from vistra.models import TokenGeometry, get_family
 
 from .attention import grad_rollout, rollout
-from .generic import gradient, occlusion, token_stride
+from .generic import PIXELS, gradient, spread, token_geometry
+from .perturbation import RISE_MASKS, Model, logits_of, occlusion, rise
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
 
@@ -48,34 +52,44 @@ class Options:
     query: tuple[float, float] = (0.5, 0.5)
     stage: int | None = None
     layer: nn.Module | None = None
+    window: int | None = None
+    stride: int | None = None
+    masks: int = RISE_MASKS
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class Method:
-    """run(model, x, target, options) -> (map over tokens [B, h, w], logits, pixels per
-    token); `upsample`: how that map grows to the image ("nearest" keeps squares visible)."""
+    """run(model, x, target, options) -> (map over tokens [B, h, w], logits, where its tokens
+    see); `upsample`: how that map is spread over the image ("nearest" keeps squares
+    visible)."""
 
-    run: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, Options],
-                  tuple[torch.Tensor, torch.Tensor, int]]
+    run: Callable[[Model, torch.Tensor, torch.Tensor | None, Options],
+                  tuple[torch.Tensor, torch.Tensor, TokenGeometry]]
     upsample: str = "bilinear"
 
 
-def _with_token_stride(maps_and_logits, model, x) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _on_token_grid(maps_and_logits, model: nn.Module
+                   ) -> tuple[torch.Tensor, torch.Tensor, TokenGeometry]:
     grid, logits = maps_and_logits
-    return grid, logits, token_stride(model, x)
+    return grid, logits, token_geometry(model)
 
 
 METHOD_TABLE: dict[str, Method] = {
-    "rollout": Method(lambda m, x, t, o: _with_token_stride(rollout(m, x), m, x)),
-    "grad-rollout": Method(lambda m, x, t, o: _with_token_stride(grad_rollout(m, x, t), m, x)),
+    "rollout": Method(lambda m, x, t, o: _on_token_grid(rollout(m, x), m)),
+    "grad-rollout": Method(lambda m, x, t, o: _on_token_grid(grad_rollout(m, x, t), m)),
     "gradcam": Method(lambda m, x, t, o: gradcam(m, x, t, o.stage, layer=o.layer)),
     "scorecam": Method(lambda m, x, t, o: scorecam(m, x, t, o.stage, layer=o.layer)),
     "window": Method(lambda m, x, t, o: window_attention(m, x, o.block, o.query), "nearest"),
-    "occlusion": Method(lambda m, x, t, o: _with_token_stride(
-        occlusion(m, x, t, token_stride(m, x)), m, x)),
-    "gradient": Method(lambda m, x, t, o: (*gradient(m, x, t), 1), "nearest"),
+    "occlusion": Method(lambda m, x, t, o: (
+        *occlusion(m, x, t, window=o.window, stride=o.stride), PIXELS), "nearest"),
+    "rise": Method(lambda m, x, t, o: (*rise(m, x, t, masks=o.masks, seed=o.seed), PIXELS),
+                   "nearest"),
+    "gradient": Method(lambda m, x, t, o: (*gradient(m, x, t), PIXELS), "nearest"),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
+ANY_MODEL = ("occlusion", "rise", "gradient")  # whatever the family declares
+ONLY_RUNNING = ("occlusion", "rise")  # for a Classifier or a function batch -> logits
 
 __all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
            "methods_for", "overlay"]
@@ -101,23 +115,28 @@ def _family(model: nn.Module) -> tuple[str, ...]:
     return family.explain_methods
 
 
-def methods_for(model: nn.Module) -> tuple[str, ...]:
-    """The methods that apply to this model, in the order of METHODS."""
-    return tuple(m for m in METHODS if m in _family(model))
+def methods_for(model: Model) -> tuple[str, ...]:
+    """The methods that apply to this model, in the order of METHODS: its family's and
+    `ANY_MODEL`; for a Classifier or another function batch -> logits, `ONLY_RUNNING`."""
+    if not isinstance(model, nn.Module):
+        return ONLY_RUNNING
+    declared = _family(model)
+    return tuple(m for m in METHODS if m in declared or m in ANY_MODEL)
 
 
-def default_method(model: nn.Module) -> str:
-    """The family's default: grad-rollout for ViT-like models, gradcam for Swin."""
-    return _family(model)[0]
+def default_method(model: Model) -> str:
+    """The family's default: grad-rollout for ViT-like models, gradcam for Swin; occlusion
+    for a Classifier or another function batch -> logits."""
+    return _family(model)[0] if isinstance(model, nn.Module) else ONLY_RUNNING[0]
 
 
-def _check_method(model: nn.Module, method: str | None) -> str:
+def _check_method(model: Model, method: str | None) -> str:
     if method is None:
         return default_method(model)
     if method not in methods_for(model):
         known = "" if method in METHODS else f"unknown method {method!r}; "
         raise ValueError(f"{known or f'method {method!r} does not apply to this model; '}"
-                         f"for {type(model).__name__} use one of {', '.join(methods_for(model))}")
+                         f"for {_name(model)} use one of {', '.join(methods_for(model))}")
     return method
 
 
@@ -129,49 +148,58 @@ def _normalise(maps: torch.Tensor) -> torch.Tensor:
     return ((maps - low[:, None, None]) / span[:, None, None]).clamp(0, 1)
 
 
-def explain_batch(model: nn.Module, x: torch.Tensor, method: str | None = None,
+def explain_batch(model: Model, x: torch.Tensor, method: str | None = None,
                   target: torch.Tensor | None = None, *, block: int | None = None,
                   query: tuple[float, float] = (0.5, 0.5), stage: int | None = None,
-                  layer: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  layer: nn.Module | None = None, window: int | None = None,
+                  stride: int | None = None, masks: int = RISE_MASKS, seed: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
-    [B, K]). target [B] class indices, or None for each image's predicted class.
+    [B, K]), on the CPU. target [B] class indices, or None for each image's predicted class.
+    model: a module (x goes to its device), or a Classifier or any function batch -> logits
+    (x stays where it is).
 
     `stage` picks the Swin stage whose last block's norm1 Grad-CAM (None: the last stage)
     and Score-CAM (None: the first) read, or `layer` the module whose [B, h, w, C] output
     they read; `block` (index over the model's Swin blocks, None: the first shifted one)
-    and `query` (row, column as fractions of the input) pick what `window` shows. The model
-    runs in eval mode for the call."""
+    and `query` (row, column as fractions of the input) pick what `window` shows. `window`
+    and `stride` (pixels; None: a seventh of the shorter side, and half the window) are
+    occlusion's, `masks` and `seed` RISE's. A module runs in eval mode for the call."""
     method = _check_method(model, method)
-    device = next(model.parameters()).device
-    x = x.to(device)
+    module = model if isinstance(model, nn.Module) else None
+    if module is not None:
+        x = x.to(next(module.parameters()).device)
     if target is not None:
-        target = target.to(device)
-    was_training = model.training
-    model.eval()
+        target = target.to(x.device)
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     chosen = METHOD_TABLE[method]
+    options = Options(block, query, stage, layer, window, stride, masks, seed)
     try:
-        grid, logits, stride = chosen.run(model, x, target, Options(block, query, stage, layer))
+        grid, logits, geometry = chosen.run(model, x, target, options)
     finally:
-        model.train(was_training)
-    h, w = grid.shape[-2:]
-    up = F.interpolate(grid[:, None].float(), size=(h * stride, w * stride),
-                       mode=chosen.upsample)
-    return _normalise(up[:, 0, :x.shape[-2], :x.shape[-1]]).cpu(), logits.float().cpu()
+        if module is not None:
+            module.train(was_training)
+    maps = spread(grid.float(), geometry, x.shape[-2:], chosen.upsample)
+    return _normalise(maps).cpu(), logits.float().cpu()
 
 
-def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str | None = None,
+def explain(model: Model, image: Image.Image | torch.Tensor, *, method: str | None = None,
             target: int | None = None, block: int | None = None,
-            query: tuple[float, float] = (0.5, 0.5), stage: int | None = None
-            ) -> Explanation:
+            query: tuple[float, float] = (0.5, 0.5), stage: int | None = None,
+            window: int | None = None, stride: int | None = None, masks: int = RISE_MASKS,
+            seed: int = 0) -> Explanation:
     """Explain the model's score for `target` (default: its top class) on one image.
 
     A PIL image is preprocessed with the model's evaluation transform (resize, centre crop,
-    normalise) and the map is returned at the image's own size: the crop's map is placed on
-    the resized image and scaled back; what the crop cut off gets 0. A tensor [C, H, W] or
-    [1, C, H, W] is taken as already preprocessed; the map has its H x W. method None: the
-    family's default (see `default_method`); other options as in `explain_batch`."""
+    normalise; a Classifier's `transform`) and the map is returned at the image's own size:
+    the crop's map is placed on the resized image and scaled back; what the crop cut off
+    gets 0. A tensor [C, H, W] or [1, C, H, W] is taken as already preprocessed; the map has
+    its H x W. method None: the family's default (see `default_method`); other options as
+    in `explain_batch`."""
     if isinstance(image, Image.Image):
-        x = _preprocess(model, image)
+        x = preprocess(model, image)
     elif isinstance(image, torch.Tensor):
         x = image if image.ndim == 4 else image[None]
         if x.ndim != 4 or x.shape[0] != 1:
@@ -182,12 +210,13 @@ def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str 
     method = _check_method(model, method)
     targets = None
     if target is not None:
-        classes = model.arch.num_classes
+        classes = class_count(model, x)
         if not 0 <= target < classes:
             raise ValueError(f"target must be a class index in 0..{classes - 1}, got {target}")
-        targets = torch.tensor([target])
+        targets = torch.tensor([target], device=x.device)
     maps, logits = explain_batch(model, x, method, targets, block=block, query=query,
-                                 stage=stage)
+                                 stage=stage, window=window, stride=stride, masks=masks,
+                                 seed=seed)
     index = int(logits[0].argmax()) if target is None else target
     heat = maps[0]
     if isinstance(image, Image.Image):
@@ -198,18 +227,44 @@ def explain(model: nn.Module, image: Image.Image | torch.Tensor, *, method: str 
                        probability=float(logits[0].softmax(-1)[index]))
 
 
-def _preprocess(model: nn.Module, image: Image.Image) -> torch.Tensor:
-    if not hasattr(model, "data_config"):
-        raise ValueError("the model carries no preprocessing (.data_config); build it with "
-                         "vistra.create_model or load a vistra checkpoint, or pass a tensor")
-    return eval_transform(model)(image)[None]
+def _name(model: Model) -> str:
+    return getattr(model, "name", None) or type(model).__name__
 
 
-def _to_image_size(model: nn.Module, heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _transform(model: Model):
+    """The model's evaluation transform (a module's data config, a Classifier's own)."""
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "data_config"):
+            raise ValueError("the model carries no preprocessing (.data_config); build it "
+                             "with vistra.create_model or load a vistra checkpoint, or pass "
+                             "a tensor")
+        return eval_transform(model)
+    if not hasattr(model, "transform"):
+        raise ValueError(f"{_name(model)} carries no preprocessing (.transform); load it with "
+                         f"vistra.runtime.load_classifier, or pass a tensor")
+    return model.transform
+
+
+def preprocess(model: Model, image: Image.Image) -> torch.Tensor:
+    """One image as the model's input batch [1, C, H, W]."""
+    return _transform(model)(image)[None]
+
+
+def class_count(model: Model, x: torch.Tensor) -> int:
+    """How many classes the model scores: a module's or a Classifier's own count, else the
+    width of its logits for x."""
+    if isinstance(model, nn.Module):
+        return model.arch.num_classes
+    if getattr(model, "classes", None):
+        return len(model.classes)
+    return logits_of(model, x).shape[1]
+
+
+def _to_image_size(model: Model, heat: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A map over the centre crop [h, w] -> the map over the original image of `size`
     (width, height), 0 where the crop cut the image off."""
-    (rw, rh), (left, top, right, bottom) = eval_transform(model).geometry(*size)
-    canvas = torch.zeros(rh, rw)  # the resize covers the crop, so the box lies inside
+    (rw, rh), (left, top, right, bottom) = _transform(model).geometry(*size)
+    canvas = heat.new_zeros(rh, rw)  # the resize covers the crop, so the box lies inside
     canvas[top:bottom, left:right] = heat
     if (rw, rh) == size:
         return canvas

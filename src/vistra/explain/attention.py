@@ -44,7 +44,7 @@ def rollout(model: VisionTransformer, x: torch.Tensor) -> tuple[torch.Tensor, to
     with torch.no_grad(), capture_attention(model) as modules:
         logits = model(x)
         layers = [m.recorded for m in modules]
-    eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype)
+    eye = torch.eye(layers[0].shape[-1], dtype=layers[0].dtype, device=layers[0].device)
     relevance = eye.expand(x.shape[0], -1, -1)
     for attn in layers:
         a = (attn.mean(1) + eye) / 2  # [B, N, N]
@@ -85,7 +85,7 @@ def grad_rollout(model: VisionTransformer, x: torch.Tensor, target: torch.Tensor
     score = logits.gather(1, target[:, None]).sum()
     grads = torch.autograd.grad(score, outputs)
     B, N = x.shape[0], layers[0].shape[-1]
-    relevance = torch.eye(N, dtype=layers[0].dtype).repeat(B, 1, 1)
+    relevance = torch.eye(N, dtype=layers[0].dtype, device=layers[0].device).repeat(B, 1, 1)
     for attn, v, grad_out in zip(layers, values, grads, strict=True):
         grad_out = grad_out.reshape(B, N, attn.shape[1], -1).transpose(1, 2)  # [B, h, N, d]
         grad_attn = grad_out @ v.detach().transpose(-2, -1)  # dS/dA = dS/dO V^T

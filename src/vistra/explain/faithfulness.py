@@ -28,7 +28,7 @@ from torch import nn
 
 from vistra.data import eval_transform, load_rgb, scan_image_folder
 
-from .generic import token_stride
+from .generic import spread, token_geometry
 from .imputation import linear_imputation
 
 RANDOM = "random"  # the name of the baseline order in reports
@@ -41,7 +41,7 @@ def blurred(x: torch.Tensor, sigma_fraction: float = 0.1) -> torch.Tensor:
     (reflect padding)."""
     sigma = max(x.shape[-2:]) * sigma_fraction
     radius = min(int(3 * sigma), min(x.shape[-2:]) - 1)
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
     C = x.shape[1]
@@ -52,16 +52,16 @@ def blurred(x: torch.Tensor, sigma_fraction: float = 0.1) -> torch.Tensor:
 
 def random_grid_maps(model: nn.Module, x: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """[B, H, W] maps of random values on the model's token grid (one per patch), upsampled
-    bilinearly to the input as the methods' maps are. The control for a coarse map: every
+    """[B, H, W] maps of random values on the model's token grid (one per patch), spread
+    bilinearly over the input as the methods' maps are. The control for a coarse map: every
     method ranks pixels in blobs of about a patch, and deleting pixels scattered at random
     changes an image more than deleting the same number in a few blobs, so a map should be
-    measured against a random order of the same grain too."""
-    stride = token_stride(model, x)
+    measured against a random order of the same grain too. On the CPU (maps are)."""
     B, _, H, W = x.shape
-    grid = torch.rand(B, 1, -(-H // stride), -(-W // stride), generator=generator)
-    up = F.interpolate(grid, scale_factor=stride, mode="bilinear")
-    return up[:, 0, :H, :W]
+    geometry = token_geometry(model, (H, W))
+    grid = torch.rand(B, -(-H // geometry.stride), -(-W // geometry.stride),
+                      generator=generator, device="cpu")
+    return spread(grid, geometry, (H, W))
 
 
 def pixel_order(heat: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,6 +87,9 @@ def curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: torch.
     at the input's resolution."""
     model.eval()
     device = next(model.parameters()).device
+    # The sequences are built on the CPU (ROAD's solver runs there); each chunk of them
+    # goes to the model's device and its logits come back.
+    x, maps, target = x.cpu(), maps.cpu(), target.cpu()
     B, C, H, W = x.shape
     counts = torch.linspace(0, H * W, steps + 1).round().long()
     ranks = torch.empty(B, H * W, dtype=torch.long)

@@ -6,22 +6,35 @@ existing file."""
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vistra.data import ImageLoadError, eval_transform, find_images, load_rgb
+from vistra.data import ImageLoadError, find_images, load_rgb
 from vistra.fileio import atomic_write_bytes, atomic_write_text
 from vistra.output import to_json
+from vistra.runtime import load_classifier
+from vistra.weights import load_checkpoint
 
-from . import explain, overlay
+from . import explain, overlay, preprocess
 from .faithfulness import evaluate, load_labelled
+from .perturbation import Model, logits_of
 from .render import grid
 
 
-def explain_files(model: torch.nn.Module, inputs: list[str], methods: list[str], out: Path, *,
+def load_explainable(path: str | os.PathLike, device: str = "cpu") -> Model:
+    """What `vistra explain` explains: a .safetensors checkpoint as its plain PyTorch model
+    (every method of its family), an .onnx file as a Classifier in onnxruntime (the methods
+    that only run it: occlusion, rise)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return load_classifier(path, device, backend="onnx")
+    return load_checkpoint(path, device=device).eval()
+
+
+def explain_files(model: Model, inputs: list[str], methods: list[str], out: Path, *,
                   target: str | None = None, topk: int = 1, with_grid: bool = False,
                   force: bool = False, **options) -> list[tuple[Path, str]]:
     """Write the overlays and maps of every image under `inputs` to `out`; returns the
@@ -78,21 +91,25 @@ def evaluate_folder(model: torch.nn.Module, data: Path, methods: list[str], out:
     return result
 
 
-def _top_classes(model: torch.nn.Module, image, k: int) -> list[int]:
-    with torch.inference_mode():
-        x = eval_transform(model)(image)[None].to(next(model.parameters()).device)
-        return model(x)[0].topk(min(k, model.num_classes)).indices.tolist()
+def _top_classes(model: Model, image, k: int) -> list[int]:
+    x = preprocess(model, image)
+    if isinstance(model, torch.nn.Module):
+        x = x.to(next(model.parameters()).device)
+    logits = logits_of(model, x)[0]
+    return logits.topk(min(k, len(logits))).indices.tolist()
 
 
-def _class_index(model: torch.nn.Module, target: str) -> int:
+def _class_index(model: Model, target: str) -> int:
     classes = getattr(model, "classes", None) or []
     if target in classes:
         return classes.index(target)
-    if target.lstrip("-").isdigit() and 0 <= int(target) < model.num_classes:
+    # A Classifier without class names: its count is known once it runs (explain checks)
+    count = len(classes) or getattr(model, "num_classes", None)
+    if target.lstrip("-").isdigit() and 0 <= int(target) < (count or int(target) + 1):
         return int(target)
     known = f"; classes: {', '.join(classes)}" if classes else ""
     raise ValueError(f"--target {target!r} is neither a class name nor an index in "
-                     f"0..{model.num_classes - 1}{known}")
+                     f"0..{'' if count is None else count - 1}{known}")
 
 
 def _stems(images: list[Path]) -> list[str]:

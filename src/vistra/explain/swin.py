@@ -20,22 +20,23 @@ not left blank.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vistra.models import SwinTransformer, capture_attention
+from vistra.models import SwinTransformer, TokenGeometry, capture_attention
+
+from .generic import spread, token_geometry
 
 
 def gradcam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
             stage: int | None = None, *, layer: nn.Module | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+            ) -> tuple[torch.Tensor, torch.Tensor, TokenGeometry]:
     """relu(sum_c mean_hw(dS/dF_c) F_c), S the target class's logit, F the output of `layer`;
     layer None: the norm1 of the last block of `model.layers[stage]`, stage None: the last.
     Where the sum is negative at every token (the ReLU would leave an empty map), the map is
     the signed sum: the tokens that count least against the class rank first.
 
     x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, h, w], logits,
-    pixels per token of the map)."""
+    where the map's tokens see)."""
     if layer is None:
         stage = range(len(model.layers))[-1 if stage is None else stage]
         layer = model.layers[stage].blocks[-1].norm1
@@ -52,22 +53,22 @@ def gradcam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None
     cam = signed.clamp(min=0)
     empty = cam.flatten(1).amax(1) <= 0
     return torch.where(empty[:, None, None], signed, cam), logits.detach(), \
-        stage_stride(model, stage)
+        stage_geometry(model, stage)
 
 
 @torch.no_grad()
 def scorecam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | None,
              stage: int | None = None, *, layer: nn.Module | None = None,
-             batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, int]:
+             batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, TokenGeometry]:
     """relu(sum_c w_c F_c), F the output of `layer`, w_c the target's softmax probability on
-    the input times F_c's map, upsampled to the input and scaled to [0, 1] (0 in the
+    the input times F_c's map, spread over the input (`spread`) and scaled to [0, 1] (0 in the
     normalised input is the dataset's mean colour). A channel whose map is constant gets
     w_c = 0. As the authors' code (haofanwang/Score-CAM, cam/scorecam.py), in batches of
     `batch_size` masked images. layer None: the norm1 of the last block of
     `model.layers[stage]`, stage None: the first.
 
     x [B, C, H, W], target [B] or None (the predicted class) -> (map [B, h, w], logits,
-    pixels per token of the map)."""
+    where the map's tokens see)."""
     if layer is None:
         stage = range(len(model.layers))[0 if stage is None else stage]
         layer = model.layers[stage].blocks[-1].norm1
@@ -76,13 +77,11 @@ def scorecam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | Non
     features, logits = _forward_reading(model, x, layer)
     if target is None:
         target = logits.argmax(1)
-    stride = stage_stride(model, stage)
+    geometry = stage_geometry(model, stage)
     B, h, w, C = features.shape
     weights = torch.zeros(B, C, device=features.device)
     for b in range(B):
-        maps = F.interpolate(features[b].permute(2, 0, 1)[None].float(),
-                             size=(h * stride, w * stride), mode="bilinear")[0]
-        maps = maps[:, :x.shape[-2], :x.shape[-1]]  # [C, H, W]
+        maps = spread(features[b].permute(2, 0, 1).float(), geometry, x.shape[-2:])  # [C, H, W]
         low = maps.amin(dim=(1, 2), keepdim=True)
         span = maps.amax(dim=(1, 2), keepdim=True) - low
         varies = span.flatten() > 0
@@ -91,7 +90,7 @@ def scorecam(model: SwinTransformer, x: torch.Tensor, target: torch.Tensor | Non
                            for m in masks.split(batch_size)])
         weights[b, varies] = probs
     cam = (features.float() * weights[:, None, None, :]).sum(-1).clamp(min=0)
-    return cam, logits, stride
+    return cam, logits, geometry
 
 
 def stage_of(model: SwinTransformer, layer: nn.Module) -> int:
@@ -119,9 +118,12 @@ def _forward_reading(model: nn.Module, x: torch.Tensor, layer: nn.Module
     return captured[0], logits
 
 
-def stage_stride(model: SwinTransformer, stage: int) -> int:
-    """Input pixels per token side at `stage`: the patch, then halved by each merging."""
-    return model.cfg.patch_size * 2 ** stage
+def stage_geometry(model: SwinTransformer, stage: int) -> TokenGeometry:
+    """Where the tokens of `stage` see: each patch merging joins 2 x 2 tokens, so the stride
+    doubles and the centre moves to the middle of the four, half a stride on."""
+    first = token_geometry(model)
+    return TokenGeometry(first.stride * 2 ** stage,
+                         first.offset + (2 ** stage - 1) * first.stride / 2)
 
 
 def swin_blocks(model: SwinTransformer) -> list[nn.Module]:
@@ -131,7 +133,7 @@ def swin_blocks(model: SwinTransformer) -> list[nn.Module]:
 
 def window_attention(model: SwinTransformer, x: torch.Tensor, block: int | None = None,
                      query: tuple[float, float] = (0.5, 0.5)
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, TokenGeometry]:
     """The head-averaged attention of the token at `query` (row, column as fractions of the
     input) in one block, over the token map of that block's stage.
 
@@ -141,7 +143,7 @@ def window_attention(model: SwinTransformer, x: torch.Tensor, block: int | None 
     grid, and keys that the shift wrapped around are masked (weight ~0). block None: the
     first shifted-window block (or block 0 if no block shifts).
 
-    -> (map over the block's token grid [B, h, w], logits [B, K], pixels per token)."""
+    -> (map over the block's token grid [B, h, w], logits [B, K], where its tokens see)."""
     blocks = swin_blocks(model)
     if block is None:
         block = next((i for i, b in enumerate(blocks) if b.shift_size), 0)
@@ -166,11 +168,11 @@ def window_attention(model: SwinTransformer, x: torch.Tensor, block: int | None 
     rs, cs = (r - shift) % Hp, (c - shift) % Wp  # the query in the rolled map
     window = (rs // M) * (Wp // M) + cs // M
     row = attn[:, window, :, (rs % M) * M + cs % M].mean(1)  # [B, M*M]
-    keys = torch.arange(M * M)
+    keys = torch.arange(M * M, device=row.device)
     kr = ((rs // M) * M + keys // M + shift) % Hp  # roll back to image positions
     kc = ((cs // M) * M + keys % M + shift) % Wp
     inside = (kr < H) & (kc < W)  # padding tokens are not in the image
-    out = torch.zeros(x.shape[0], H, W, dtype=row.dtype)
+    out = row.new_zeros(x.shape[0], H, W)
     out[:, kr[inside], kc[inside]] = row[:, inside]
     stage = next(i for i, s in enumerate(model.layers) if any(b is chosen for b in s.blocks))
-    return out, logits, stage_stride(model, stage)
+    return out, logits, stage_geometry(model, stage)

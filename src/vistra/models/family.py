@@ -10,16 +10,18 @@ them, explain maps them and the weights loader names them, with no other module 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from .base import DataConfig, VistraModel
 from .cost import Cost, Stage, swin_cost, swin_stages, vit_cost, vit_stages
+from .layers import ConvStem
 from .peers import SWIN_TIMM_NAMES, VIT_TIMM_NAMES, swin_hf_peer, vit_hf_peer
+from .resnetv2 import ResNetV2
 from .swin import SwinConfig, SwinTransformer
 from .vit import VisionTransformer, ViTConfig
 from .weight_facts import SWIN_STRUCTURE, VIT_STRUCTURE, swin_weight_facts, vit_weight_facts
@@ -33,6 +35,52 @@ def one_stage(path: str) -> str:
 def stage_by_layer(path: str) -> str:
     """FLOPs attribution of a hierarchical model: `layers.i...` is stage i + 1."""
     return f"stage{int(path.split('.')[1]) + 1}"
+
+
+class TokenGeometry(NamedTuple):
+    """Where a grid of tokens sees: token (i, j)'s receptive field is centred on the input
+    coordinate (offset + i * stride, offset + j * stride), pixel k's centre being at k."""
+
+    stride: int  # input pixels per token side
+    offset: float  # the first token's centre
+
+
+def patch_geometry(stride: int) -> TokenGeometry:
+    """A patch conv (kernel = stride, no padding): each token sees its own square."""
+    return TokenGeometry(stride, (stride - 1) / 2)
+
+
+def conv_chain_geometry(convs: Iterable[tuple[int, int, int]]) -> TokenGeometry:
+    """(kernel, stride, padding before) of convolutions or pools applied one after another,
+    the image's first -> where the last one's outputs see. Output j of one is centred on its
+    input's j * stride + (kernel - 1) / 2 - padding; composed, each layer's shift counts in
+    the pixels of the layers before it."""
+    stride, offset = 1, 0.0
+    for kernel, step, padding in convs:
+        offset += stride * ((kernel - 1) / 2 - padding)
+        stride *= step
+    return TokenGeometry(stride, offset)
+
+
+def stem_convs(backbone: nn.Module) -> list[tuple[int, int, int]]:
+    """The (kernel, stride, padding before) a token's centre follows through a backbone, the
+    image's side first. A conv stem is a chain of 3x3 convs. The R50 hybrid: its stem's 7x7
+    conv and 3x3 max-pool (Stem.forward), then each block's 3x3 conv, the widest path (its 1x1
+    convs and the shortcut see inside that conv's footprint), with TF SAME padding, which on
+    a side the stride divides (the model takes multiples of its total stride only) puts
+    max(kernel - stride, 0) // 2 before."""
+    if isinstance(backbone, ResNetV2):
+        def same(kernel: int, stride: int) -> tuple[int, int, int]:
+            return kernel, stride, max(kernel - stride, 0) // 2
+        conv = backbone.stem.conv
+        return [same(conv.kernel_size[0], conv.stride[0]), same(3, 2)] + [
+            same(block.conv2.kernel_size[0], block.conv2.stride[0])
+            for stage in backbone.stages for block in stage.blocks]
+    if isinstance(backbone, ConvStem):
+        return [(m.kernel_size[0], m.stride[0], m.padding[0]) for m in backbone.modules()
+                if isinstance(m, nn.Conv2d)]
+    raise ValueError(f"no receptive-field rule for a {type(backbone).__name__} backbone; "
+                     f"expected a ConvStem or a ResNetV2")
 
 
 @dataclass
@@ -52,11 +100,13 @@ class ModelFamily:
     `flops` table is a what-if).
 
     explain_methods: the names of vistra.explain's methods that apply, the default first;
-    `gradient` and `occlusion` work on any model. token_stride: model -> input pixels per side
-    of a token of its patch grid, each token's centre in the middle of its square: explain
-    spreads token maps over the image by it, and occlusion hides one token's square at a
-    time; None: no token grid. weight_facts: a state dict in vistra's layout -> the config
-    fields its shapes show, or None when the keys are not this family's; structure_facts:
+    `gradient`, `occlusion` and `rise` work on any model whatever it declares. token_stride:
+    model -> input pixels per side of a token of its patch grid; None: no token grid.
+    token_geometry: model -> `TokenGeometry`, where its tokens see (the stride and the first
+    token's receptive-field centre): explain places each token's value there; None: in the
+    middle of each token_stride square, as a patch conv sees. weight_facts: a state dict in
+    vistra's layout -> the config fields its shapes show, or None when the keys are not this
+    family's; structure_facts:
     those of them that make a different network (the others only rank the registered names),
     so that a file that does not fit names the model it belongs to. hf_peer: (the
     transformers module, config, image side) -> transformers' model with the config's
@@ -81,6 +131,7 @@ class ModelFamily:
     windowed: bool = False
     explain_methods: tuple[str, ...] = ("gradient", "occlusion")
     token_stride: Callable[[nn.Module], int] | None = None
+    token_geometry: Callable[[nn.Module], TokenGeometry] | None = None
     weight_facts: Callable[[Mapping[str, Any]], dict | None] | None = None
     structure_facts: frozenset[str] = frozenset()
     hf_peer: Callable[[Any, Any, int], nn.Module | None] | None = None
@@ -141,6 +192,16 @@ def swin_token_stride(model: nn.Module) -> int:
     return model.cfg.patch_size
 
 
+def token_geometry_from_stem(model: nn.Module) -> TokenGeometry:
+    """A patch conv's tokens see their squares; behind a conv stem or the R50 hybrid's
+    backbone, where those convs centre them (the 1x1 projection after them moves nothing).
+    For ViT and for Swin's first stage, whose stem pads at the bottom and right only."""
+    embed = model.patch_embed
+    if embed.backbone is None:
+        return patch_geometry(embed.proj.stride[0])
+    return conv_chain_geometry(stem_convs(embed.backbone))
+
+
 def vit_export_size_rule(model: nn.Module) -> tuple[int, int]:
     """Multiples of the patch (the R50 hybrid's total stride): the graph resamples the
     position embeddings (and computes the hybrid's SAME padding) for the input."""
@@ -173,12 +234,14 @@ def swin_export_size_rule(model: nn.Module) -> tuple[int, int]:
 register_family(ModelFamily(
     "vit", "ViT", ViTConfig, VisionTransformer, stages=vit_stages, cost=vit_cost,
     modelled_fields=_VIT_FIELDS, explain_methods=("grad-rollout", "rollout"),
-    token_stride=vit_token_stride, weight_facts=vit_weight_facts,
+    token_stride=vit_token_stride, token_geometry=token_geometry_from_stem,
+    weight_facts=vit_weight_facts,
     structure_facts=VIT_STRUCTURE, hf_peer=vit_hf_peer, timm_names=VIT_TIMM_NAMES,
     export_size_rule=vit_export_size_rule, resizable=vit_resizable))
 register_family(ModelFamily(
     "swin", "Swin", SwinConfig, SwinTransformer, stages=swin_stages, cost=swin_cost,
     modelled_fields=_SWIN_FIELDS, flops_stage=stage_by_layer, windowed=True,
     explain_methods=("gradcam", "scorecam", "window"), token_stride=swin_token_stride,
+    token_geometry=token_geometry_from_stem,
     weight_facts=swin_weight_facts, structure_facts=SWIN_STRUCTURE, hf_peer=swin_hf_peer,
     timm_names=SWIN_TIMM_NAMES, export_size_rule=swin_export_size_rule))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import sdpa_flop_count
 
 from vistra.models.layers import tracing
 
@@ -58,3 +59,12 @@ def onednn_gemm(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor] 
 def softmax_backward(grad_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """d loss / d logits of softmax over the last dim, from its output: aten's own kernel."""
     return torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+
+
+def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)  # the counter is handed shapes, not tensors
+
+
+# What torch's FLOP counter does not know: the CPU flash-attention kernel SDPA runs, counted
+# as SDPA's two matrix products (vistra.analysis.flops).
+COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}

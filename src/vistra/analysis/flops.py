@@ -17,20 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
+from vistra.accel.kernels import COUNTER_EXTRAS
 from vistra.models import ModelFamily, build_from_arch, build_model, get_family, get_spec
 from vistra.models.layers import to_2tuple
 
 from .complexity import KINDS, model_cost, stages, unmodelled_fields
-
-
-def _cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-# The counter is handed shapes, not tensors.
-COUNTER_EXTRAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
 
 
 def _count(model: nn.Module, img_size: tuple[int, int], in_chans: int) -> FlopCounterMode:

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-tensor", action="store_true",
                    help="with --int8: one weight scale per tensor instead of per output channel")
     p.add_argument("--calibrate", metavar="DIR",
-                   help="with --int8: static quantisation (QDQ), every Conv, MatMul and Gemm "
+                   help="with --int8: static quantisation (QDQ), every layer with weights "
                         "integer, activation ranges measured on DIR's images (listed as "
                         "`vistra predict` lists a folder, preprocessed as for evaluation): "
                         "images like those the model will classify")

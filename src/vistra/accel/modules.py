@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistra.models.layers import Attention, Mlp, split_heads, tracing
+from vistra.models.layers import Attention, Mlp, tracing
 from vistra.models.swin import shift_window_mask, window_order, window_partition, window_reverse
 
 from .attention import cpu_attention
@@ -133,24 +133,26 @@ class FastMlp(Mlp):
 class FastAttention(Frozen, Attention):
     """Attention with its position bias gathered once, by the kernel fastest on this CPU."""
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _plain(self, t: torch.Tensor) -> bool:
         # autocast is welcome here: q, k, v come out of the autocast linear in bf16
-        if (self.training or self.record or x.device.type != "cpu" or tracing()
-                or (torch.is_grad_enabled() and x.requires_grad)):
-            return super().forward(x, mask)
-        *lead, N, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [..., heads, N, d]
-        bias = self.frozen(f"bias {q.dtype}", tuple(self.parameters(recurse=False)),
-                           lambda: _contiguous(self.position_bias(), q.dtype))
-        if mask is not None:
-            mask = mask[:, None].to(q.dtype)  # [nW, 1, N, N]
-            bias = mask if bias is None else bias + mask
-        x = cpu_attention(q, k, v, bias, self.scale)
-        return self.proj(x.transpose(len(lead), len(lead) + 1).reshape(*lead, N, C))
+        return (self.training or self.record or t.device.type != "cpu" or tracing()
+                or (torch.is_grad_enabled() and t.requires_grad))
+
+    def position_bias(self) -> torch.Tensor | None:
+        if self.training or tracing():  # a graph gathers it itself, nothing kept
+            return super().position_bias()
+        return self.frozen("bias", tuple(self.parameters(recurse=False)),
+                           lambda: _contiguous(super(FastAttention, self).position_bias()))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        if self._plain(q):
+            return super().attend(q, k, v, bias)
+        return cpu_attention(q, k, v, bias, self.scale)
 
 
-def _contiguous(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 class FastBlock(nn.Module):

@@ -104,20 +104,30 @@ class Attention(nn.Module):
         """An additive bias [heads, N, N] on the attention logits; none here."""
         return None
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., N, C] -> [..., N, C]; mask [nW, N, N] adds to window w's logits (x's
-        second-to-last leading dim is the window)."""
-        *lead, N, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)  # [..., heads, N, d]
-        bias = self.position_bias()
-        if mask is not None:
-            mask = mask[:, None]  # [nW, 1, N, N]
-            bias = mask if bias is None else bias + mask  # [nW, heads, N, N]
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [..., N, 3C] -> q, k, v [..., heads, N, d]."""
+        return split_heads(qkv, self.num_heads)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T * scale + bias) v: [..., heads, N, d]."""
         x, weights = attention(q, k, v, bias, scale=self.scale,
                                dropout_p=self.attn_drop if self.training else 0.0,
                                fused=self.fused_attn and not self.record)
         if self.record:
             self.recorded = weights.detach()
+        return x
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., N, C] -> [..., N, C]; mask [nW, N, N] adds to window w's logits (x's
+        second-to-last leading dim is the window)."""
+        *lead, N, C = x.shape
+        q, k, v = self.split(self.qkv(x))  # [..., heads, N, d]
+        bias = self.position_bias()
+        if mask is not None:
+            mask = mask[:, None].to(q.dtype)  # [nW, 1, N, N]
+            bias = mask if bias is None else bias + mask  # [nW, heads, N, N]
+        x = self.attend(q, k, v, bias)
         x = x.transpose(len(lead), len(lead) + 1).reshape(*lead, N, C)  # [..., N, heads * d]
         return self.proj_drop(self.proj(x))
 

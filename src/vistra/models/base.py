@@ -5,7 +5,8 @@ The card (`model.card`) holds what a model is besides its tensors: its registere
 family, its architecture config, the preprocessing its weights expect, its class names and
 what loading weights into it did. It exists from construction on, so a model built directly
 from its class saves and loads like one from `vistra.create_model`. `model.name`,
-`model.arch`, `model.data_config`, `model.classes` and `model.load_report` read and write it.
+`model.arch`, `model.data_config`, `model.classes` and `model.load_report` read and write it;
+`model.card.explain` is the explain method measured for it, saved with its weights.
 """
 
 from __future__ import annotations
@@ -41,6 +42,53 @@ class DataConfig:
         return dataclasses.asdict(self)
 
 
+MEASURES = ("deletion", "road", "insertion")  # an ExplainChoice's scores per method
+
+
+@dataclass(frozen=True)
+class ExplainChoice:
+    """The explain method measured most faithful for this model (vistra.explain.choose): its
+    name, every scored method's mean AUCs (`MEASURES`, and those of the random pixel order
+    under "random"), how many images of which data, and what recorded it. Saved in the
+    checkpoint, so that `vistra explain` and `vistra serve` default to it."""
+
+    method: str
+    scores: dict[str, dict[str, float]]
+    images: int
+    data: str
+    steps: int
+    by: str  # the command that measured it
+
+    def versus_random(self, method: str, measure: str) -> float:
+        """The method's AUC as a multiple of the random order's (below 1: better, for the
+        deletion measures)."""
+        return self.scores[method][measure] / max(self.scores["random"][measure], 1e-12)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExplainChoice:
+        """Read back from a checkpoint's metadata, which is not trusted: every field is
+        checked, a TypeError or ValueError says what is wrong."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) != fields:
+            raise ValueError(f"an explain record needs the fields {', '.join(sorted(fields))}")
+        scores = values["scores"]
+        if not (isinstance(scores, dict) and "random" in scores and values["method"] in scores
+                and all(isinstance(s, dict) and set(s) == set(MEASURES)
+                        and all(isinstance(v, int | float) for v in s.values())
+                        for s in scores.values())):
+            raise ValueError(f"an explain record's scores must give {', '.join(MEASURES)} "
+                             "for its method and for random")
+        for name, kind in (("method", str), ("images", int), ("data", str), ("steps", int),
+                           ("by", str)):
+            if not isinstance(values[name], kind) or isinstance(values[name], bool):
+                raise TypeError(f"an explain record's {name} must be a {kind.__name__}")
+        return cls(**{**values, "scores": {m: {k: float(v) for k, v in s.items()}
+                                           for m, s in scores.items()}})
+
+
 @dataclass
 class ModelCard:
     """A model's description, the counterpart of timm's `pretrained_cfg`.
@@ -48,7 +96,8 @@ class ModelCard:
     name: the registered name (the family's name for a model built from its class); family:
     the registered family (models/family.py); arch: the config the model was built from;
     classes: one name per output, or None; load_report: a `vistra.weights.LoadReport` once
-    weights were loaded."""
+    weights were loaded; explain: the explain method measured most faithful for it, if one
+    was (an `ExplainChoice`)."""
 
     name: str
     family: str
@@ -56,6 +105,7 @@ class ModelCard:
     data_config: DataConfig
     classes: list[str] | None = None
     load_report: Any = None
+    explain: ExplainChoice | None = None
 
 
 def _card_field(field: str) -> property:
@@ -94,11 +144,12 @@ class VistraModel(nn.Module):
                               DataConfig(img_size=to_2tuple(cfg.img_size)))
 
     def _set_num_classes(self, num_classes: int) -> None:
-        """Keep the config (and so a saved checkpoint) in step with a replaced head."""
+        """Keep the card (and so a saved checkpoint) in step with a replaced head."""
         if self.cfg.num_classes != num_classes:
             self.cfg = replace(self.cfg, num_classes=num_classes)
             self.card.arch = self.cfg
             self.card.classes = None
+            self.card.explain = None  # measured on the old head's classes
 
     def get_classifier(self) -> nn.Module:
         return self.head

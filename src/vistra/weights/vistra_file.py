@@ -1,6 +1,7 @@
 """vistra's own checkpoint: a .safetensors file whose metadata holds everything needed to
-rebuild the model (name, architecture, preprocessing, class names), so `predict` and `eval`
-need nothing but the file. safetensors cannot execute code, unlike a pickle."""
+rebuild the model (name, architecture, preprocessing, class names) and the explain method
+measured for it, so `predict`, `eval` and `explain` need nothing but the file. safetensors
+cannot execute code, unlike a pickle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,12 +21,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vistra.fileio import atomic_write
-from vistra.models import DataConfig, build_from_arch
+from vistra.models import DataConfig, ExplainChoice, build_from_arch
 
 from .labels import default_classes
 from .read import check_finite
 
 FORMAT = "vistra/1"
+EXPLAIN_KEY = "explain"  # the metadata key of the card's ExplainChoice
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str],
@@ -37,8 +41,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
                     classes: list[str] | None = None, extra: dict | None = None,
                     overwrite: bool = True) -> None:
     """Weights and the metadata to rebuild `model`, any vistra model (its card says what it
-    is). `classes` None keeps the card's class names. An existing `path` is replaced
-    (atomically) unless `overwrite` is False."""
+    is, the explain method measured for it included). `classes` None keeps the card's class
+    names. An existing `path` is replaced (atomically) unless `overwrite` is False."""
     card = model.card
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {
@@ -50,7 +54,34 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *,
         "classes": json.dumps(classes if classes is not None else card.classes),
         "extra": json.dumps(extra or {}),
     }
+    if card.explain is not None:
+        metadata[EXPLAIN_KEY] = json.dumps(card.explain.to_dict())
     _atomic_save(state, Path(path), metadata, overwrite)
+
+
+def save_explain_choice(path: str | os.PathLike, choice: ExplainChoice,
+                        output: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """The vistra checkpoint `path` with `choice` recorded in its metadata, written to
+    `output` (which may be `path` itself) atomically: a new header, then the tensor bytes
+    copied as they are, so the weights are byte for byte the file's. An existing `output`
+    is replaced only with `overwrite`."""
+    path = Path(path)
+    if read_metadata(path) is None:  # also checks that the header is a readable safetensors'
+        raise ValueError(f"{path} is not a vistra checkpoint; an explain choice is recorded "
+                         "in the metadata of one")
+    with open(path, "rb") as source:
+        (size,) = struct.unpack("<Q", source.read(8))
+        header = json.loads(source.read(size))
+        header["__metadata__"][EXPLAIN_KEY] = json.dumps(choice.to_dict())
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the tensors stay 8-byte aligned
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as target:
+                target.write(struct.pack("<Q", len(encoded)) + encoded)
+                source.seek(8 + size)
+                shutil.copyfileobj(source, target, 1 << 20)
+        return atomic_write(output, write, replace=overwrite)
 
 
 def read_metadata(path: str | os.PathLike) -> dict | None:
@@ -66,6 +97,7 @@ def read_metadata(path: str | os.PathLike) -> dict | None:
         "classes": json.loads(meta["classes"]),
         "extra": json.loads(meta.get("extra", "{}")),
         "family": meta.get("family"),  # absent in files of vistra before families
+        "explain": json.loads(meta[EXPLAIN_KEY]) if EXPLAIN_KEY in meta else None,
     }
 
 
@@ -76,7 +108,8 @@ def _tuples(value):
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model a vistra checkpoint describes and load its weights.
 
-    The model gets `.classes` (list of names or None) besides `.name`, `.arch`, `.data_config`.
+    The model gets `.classes` (list of names or None) besides `.name`, `.arch`, `.data_config`,
+    and `.card.explain`, the explain method measured for it, if one was.
     The file is not trusted: building the model its metadata declares may not allocate
     more than the file's weights (each allocation is checked before it is made), and no
     weight may be NaN or infinite.
@@ -90,6 +123,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         if meta is not None:
             arch = {k: _tuples(v) for k, v in meta["arch"].items()}
             data = DataConfig(**{k: _tuples(v) for k, v in meta["data_config"].items()})
+            explain = None if meta["explain"] is None else \
+                ExplainChoice.from_dict(meta["explain"])
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable .safetensors file ({err})") from err
     except (AttributeError, KeyError, TypeError, ValueError) as err:  # JSON of the wrong shape
@@ -117,6 +152,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                              f"{declared.get(key, 'none')}, but the file holds "
                              f"{shapes.get(key, 'none')}")
     model.data_config = data
+    model.card.explain = explain
     state = load_file(str(path), device=str(device))
     check_finite(state, path)
     model.load_state_dict(state)

@@ -1,7 +1,7 @@
 """Where a model looked: heat maps over the input image, and how faithful they are.
 
     import vistra
-    exp = vistra.explain(model, Image.open("cat.jpg"))     # the family's default method
+    exp = vistra.explain(model, Image.open("cat.jpg"))     # the model's default method
     from vistra.explain import overlay, METHODS, methods_for
     overlay(image, exp).save("cat.grad-rollout.png")
 
@@ -17,11 +17,14 @@ DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin. `g
 `occlusion` and `rise` work on any model (the first two are the methods of a family that
 declares none); `occlusion` and `rise` only run it, so they also explain a Classifier
 (vistra.runtime, an .onnx file in onnxruntime included) or any function batch -> logits,
-whose default is `occlusion`. Each runs the model's own forward (the plain model; an
-optimized one takes its plain path while gradients or recorded attention weights are asked
-for); attention weights are recorded only for the duration of the call. Token maps are
-placed where each token sees (`generic.spread`). A new method is its module and its entry in
-METHOD_TABLE (and, if it suits some families only, their `explain_methods`).
+whose default is `occlusion`. A model whose card records the method measured most faithful
+for it (`choose.py`: `vistra explain --choose`, the end of `vistra train`) defaults to that
+one instead (`default_method`, `default_reason`). Each runs the model's own forward (the
+plain model; an optimized one takes its plain path while gradients or recorded attention
+weights are asked for); attention weights are recorded only for the duration of the call.
+Token maps are placed where each token sees (`generic.spread`). A new method is its module
+and its entry in METHOD_TABLE (and, if it suits some families only, their
+`explain_methods`).
 """
 
 from __future__ import annotations
@@ -91,8 +94,8 @@ METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 ANY_MODEL = ("occlusion", "rise", "gradient")  # whatever the family declares
 ONLY_RUNNING = ("occlusion", "rise")  # for a Classifier or a function batch -> logits
 
-__all__ = ["METHODS", "Explanation", "default_method", "explain", "explain_batch",
-           "methods_for", "overlay"]
+__all__ = ["METHODS", "Explanation", "default_method", "default_reason", "explain",
+           "explain_batch", "methods_for", "overlay"]
 
 
 @dataclass
@@ -125,9 +128,34 @@ def methods_for(model: Model) -> tuple[str, ...]:
 
 
 def default_method(model: Model) -> str:
-    """The family's default: grad-rollout for ViT-like models, gradcam for Swin; occlusion
-    for a Classifier or another function batch -> logits."""
-    return _family(model)[0] if isinstance(model, nn.Module) else ONLY_RUNNING[0]
+    """The method used when none is asked for, the one place that decides it: the method
+    measured most faithful for this model (`vistra explain --choose`, the end of `vistra
+    train`: its card's `explain`) while it still applies, else its family's default
+    (grad-rollout for ViT-like models, gradcam for Swin); occlusion for a Classifier or
+    another function batch -> logits."""
+    return _default(model)[0]
+
+
+def default_reason(model: Model) -> str:
+    """Why `default_method` chose what it chose, in a few words for a person."""
+    return _default(model)[1]
+
+
+def _default(model: Model) -> tuple[str, str]:
+    if not isinstance(model, nn.Module):
+        return ONLY_RUNNING[0], "the default of a model that is only run (no PyTorch module)"
+    family = get_family(model).name
+    choice = model.card.explain
+    if choice is None:
+        return _family(model)[0], f"the {family} family's default (no recorded choice)"
+    if choice.method not in methods_for(model):
+        return _family(model)[0], (f"the {family} family's default (the recorded "
+                                   f"{choice.method} does not apply to this model)")
+    return choice.method, (
+        f"recorded by {choice.by} on {choice.images} images of {choice.data}: ROAD deletion "
+        f"{choice.versus_random(choice.method, 'road'):.2f}x and mean-colour deletion "
+        f"{choice.versus_random(choice.method, 'deletion'):.2f}x the random order's (the "
+        f"lowest mean of the {len(choice.scores) - 1} methods scored)")
 
 
 def _check_method(model: Model, method: str | None) -> str:
@@ -196,7 +224,7 @@ def explain(model: Model, image: Image.Image | torch.Tensor, *, method: str | No
     normalise; a Classifier's `transform`) and the map is returned at the image's own size:
     the crop's map is placed on the resized image and scaled back; what the crop cut off
     gets 0. A tensor [C, H, W] or [1, C, H, W] is taken as already preprocessed; the map has
-    its H x W. method None: the family's default (see `default_method`); other options as
+    its H x W. method None: the model's default (see `default_method`); other options as
     in `explain_batch`."""
     if isinstance(image, Image.Image):
         x = preprocess(model, image)

@@ -13,7 +13,8 @@ function, as the attribute wins there).
 
 Methods: each model family declares those that apply to it, its default first (its
 `explain_methods`, models/family.py): `rollout` and `grad-rollout` (the default) for ViT /
-DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin. `gradient`,
+DeiT / R50 hybrid, `gradcam` (the default), `scorecam` and `window` for Swin, and `lrp`
+(AttnLRP, Achtibat et al. 2024: relevance at the pixels in one backward) for both. `gradient`,
 `occlusion` and `rise` work on any model (the first two are the methods of a family that
 declares none); `occlusion` and `rise` only run it, so they also explain a Classifier
 (vistra.runtime, an .onnx file in onnxruntime included) or any function batch -> logits,
@@ -42,6 +43,7 @@ from vistra.models import TokenGeometry, get_family
 
 from .attention import grad_rollout, rollout
 from .generic import PIXELS, gradient, spread, token_geometry
+from .lrp import lrp
 from .perturbation import RISE_MASKS, Model, logits_of, occlusion, rise
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
@@ -89,6 +91,7 @@ METHOD_TABLE: dict[str, Method] = {
     "rise": Method(lambda m, x, t, o: (*rise(m, x, t, masks=o.masks, seed=o.seed), PIXELS),
                    "nearest"),
     "gradient": Method(lambda m, x, t, o: (*gradient(m, x, t), PIXELS), "nearest"),
+    "lrp": Method(lambda m, x, t, o: (*lrp(m, x, t), PIXELS), "nearest"),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 ANY_MODEL = ("occlusion", "rise", "gradient")  # whatever the family declares

@@ -15,8 +15,10 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import save_file
 from test_evaluate import image_folder
 from test_train_e2e import TINY, ctrl_c_in_epoch, make_colour_folder, tiny_config
+from test_weights_hub import add_repo, json_file, transformers_layout
 
 import vistra.train.loop as loop
 from vistra import create_model
@@ -34,6 +36,7 @@ from vistra.train.teacher import (
     TeacherIdentity,
     TeacherModel,
     load_teacher,
+    weights_sha256,
 )
 from vistra.weights import read_metadata, save_checkpoint
 
@@ -282,6 +285,33 @@ def test_an_exported_teacher_answers_as_its_checkpoint(tmp_path, teacher_file):
                                                                   (16, 16))
         answers.append(Teacher.fit(model, GREY_16_AT_8, NAMES)(batch))
     assert torch.allclose(*answers, atol=1e-4)
+
+
+def test_a_teacher_named_in_the_local_cache_answers_as_its_weights(tmp_path, monkeypatch):
+    """A transformers-layout repository in a HuggingFace cache built here, offline: the
+    teacher is that model, its classes put in the folder's order, its identity the repo
+    name and the SHA-256 of its weights."""
+    torch.manual_seed(0)
+    reference = create_model("vit_tiny_patch16_224", num_classes=4).eval()
+    its_order = NAMES[::-1]  # the repository names the classes in another order
+    add_repo(tmp_path / "hub", "acme/vit-colours", {
+        "config.json": json_file({"architectures": ["ViTForImageClassification"],
+                                  "model_type": "vit", "image_size": 224,
+                                  "id2label": {str(i): n for i, n in enumerate(its_order)}}),
+        "model.safetensors": lambda p: save_file(
+            transformers_layout(reference.state_dict()), str(p))})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    teacher = load_teacher("acme/vit-colours", dtype="fp32")
+    assert teacher.identity.source == "acme/vit-colours"
+    assert teacher.identity.sha256 == weights_sha256(reference)
+    assert teacher.input_format.size == (224, 224) and teacher.classes == its_order
+    batch = torch.randn(2, 3, 224, 224)
+    same_format = InputFormat.of(reference.data_config, 3)
+    got = Teacher.fit(teacher, same_format, NAMES)(batch)
+    with torch.no_grad():
+        expected = reference(batch)[:, [its_order.index(name) for name in NAMES]]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_a_resumed_run_with_a_teacher_equals_an_uninterrupted_one(tmp_path, teacher_file,

@@ -3,6 +3,7 @@ at a second image size from the same file (or the file refuses the size); the me
 carries what prediction needs; int8, dynamic or static from calibration images, keeps the fp32
 model's answers."""
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from vistra.fileio import file_sha256
 from vistra.models import get_family
 from vistra.onnx import (
     calibration_images,
+    export_checkpoint,
     export_onnx_bytes,
     foreign_ops,
     quantize_int8,
+    quantize_int8_static,
     read_onnx_metadata,
     size_rule,
 )
@@ -280,6 +283,29 @@ def test_static_int8_agrees_with_fp32_and_is_smaller_than_dynamic(trained_checkp
     assert (classifier.backend, classifier.dtype) == ("onnx", "int8")
     assert classifier(torch.zeros(2, 1, 35, 42)).shape == (2, 10)  # other sizes, as fp32
     assert top1_agreement(out, int8, MINI / "test") >= 0.99
+
+
+@pytest.mark.parametrize("name", ["vit_fmnist", "swin_fmnist"])
+def test_the_presets_int8_files_are_at_most_30_percent_of_fp32_with_the_weights_named(
+        name, tmp_path):
+    """Graph names are a large share of a small model's int8 file: the intermediate tensors
+    get short names, the weights keep theirs, and the file is still valid ONNX."""
+    checkpoint = tmp_path / f"{name}.safetensors"
+    save_checkpoint(create_model(name), checkpoint, classes=FMNIST_CLASSES)
+    out = export_checkpoint(checkpoint, tmp_path / f"{name}.onnx").path
+    fp32 = onnx.load(str(out))
+    for int8 in (quantize_int8_static(out, tmp_path / "static.onnx", MINI / "train", images=16),
+                 quantize_int8(out, tmp_path / "dynamic.onnx")):
+        proto = onnx.load(str(int8))
+        onnx.checker.check_model(proto)
+        outputs = [t for node in proto.graph.node for t in node.output if t != "logits"]
+        assert all(re.fullmatch(r"t\d+", name) for name in outputs)
+        assert not any(node.name for node in proto.graph.node)
+        kept = [t.name for t in proto.graph.initializer]
+        assert all(any(name.startswith(t.name) for name in kept)
+                   for t in fp32.graph.initializer if t.name.endswith(".weight"))
+    static = (tmp_path / "static.onnx").stat().st_size
+    assert static <= 0.30 * out.stat().st_size
 
 
 def test_static_int8_needs_int8_and_a_calibration_folder_with_images(fmnist_checkpoint,

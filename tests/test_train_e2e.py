@@ -36,10 +36,12 @@ def make_colour_folder(root, per_class=12, size=20, seed=0):
 
 
 def tiny_config(data, output, **kw):
-    """Two epochs of a one-block ViT on 16x16 inputs: a second or two on a CPU."""
+    """Two epochs of a one-block ViT on 16x16 inputs: a second or two on a CPU. Without the
+    explain choice at the end (a second or two more), which `run` and
+    test_explain_choose.py test."""
     options = dict(data=str(data), model="vit_tiny_patch16_224", output=str(output),
                    img_size=16, model_kwargs=TINY, epochs=2, batch_size=8, lr=1e-3, workers=0,
-                   quiet=True)
+                   quiet=True, explain_choose=False)
     return TrainConfig(**{**options, **kw})
 
 
@@ -61,7 +63,8 @@ def ctrl_c_in_epoch(monkeypatch, epoch: int):
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     data = make_colour_folder(root / "colours")
-    result = train(tiny_config(data, root / "run", workers=2, ema=True, ema_decay=0.9))
+    result = train(tiny_config(data, root / "run", workers=2, ema=True, ema_decay=0.9,
+                               explain_choose=True))
     return data, result
 
 

@@ -1,5 +1,6 @@
-"""`vistra explain MODEL IMAGE...`: heat maps of where the model looked, and with
-`--evaluate` how faithful each method's maps are (deletion / insertion AUC)."""
+"""`vistra explain MODEL IMAGE...`: heat maps of where the model looked, with `--evaluate`
+how faithful each method's maps are (deletion / insertion AUC), and with `--choose` the most
+faithful method measured and recorded as the model's default."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from pathlib import Path
 
 import torch
 
-from vistra.explain import METHODS, default_method, methods_for
+from vistra.explain import METHODS, default_method, default_reason, methods_for
+from vistra.explain.choose import STEPS, choose_for_folder
 from vistra.explain.files import evaluate_folder, explain_files, load_explainable
 from vistra.explain.perturbation import RISE_MASKS, Model
+
+CHOOSE_LIMIT = 256  # images --choose scores by default
+EVALUATE_LIMIT = 500  # images --evaluate scores by default
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(slower: a forward pass per channel of the map, the most faithful) and "
                     "window for Swin; for every model gradient, and occlusion and rise, "
                     "which only run the model and so also explain an .onnx file (occlusion "
-                    "its default). Existing files are never replaced without --force.")
+                    "its default). A checkpoint that records the method measured most "
+                    "faithful for it (--choose, or the end of vistra train) defaults to "
+                    "that one. Existing files are never replaced without --force.")
     p.add_argument("checkpoint", metavar="MODEL",
                    help="a vistra .safetensors (trained or converted), or an .onnx file from "
                         "vistra export (occlusion and rise, in onnxruntime)")
@@ -32,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files or folders (searched recursively)")
     p.add_argument("--method", nargs="+", metavar="M",
                    help=f"one or more of {', '.join(METHODS)}, or all (those that apply to "
-                        "the model); default: grad-rollout for ViT, gradcam for Swin, "
-                        "occlusion for an .onnx file")
+                        "the model); default: the method the checkpoint records (--choose), "
+                        "else grad-rollout for ViT, gradcam for Swin, occlusion for an .onnx "
+                        "file")
     p.add_argument("--out", metavar="DIR", help="folder for the maps (created if missing)")
     p.add_argument("--target", metavar="CLASS",
                    help="explain this class (name or index) instead of the predicted one")
@@ -71,9 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data", metavar="DIR",
                    help="class-per-folder images, or a folder with train/ and val/ or test/ "
                         "(the val/test part is used)")
-    g.add_argument("--limit", type=int, default=500, metavar="N",
+    g.add_argument("--limit", type=int, metavar="N",
                    help="at most N images of --data, drawn at random with a fixed seed "
-                        "(default: 500)")
+                        f"(default: 500, with --choose {CHOOSE_LIMIT})")
     g.add_argument("--steps", type=int, default=32, metavar="S",
                    help="pixel-removal steps of each curve (default: 32)")
     g.add_argument("--road", action="store_true",
@@ -81,19 +89,44 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "neighbours (ROAD, Rong et al. 2022) instead of the mean colour, so "
                         "that scattered deletions leave no texture to read; a sparse solve "
                         "per image and step, slow on large images")
+    c = p.add_argument_group("choosing the default method")
+    c.add_argument("--choose", action="store_true",
+                   help="score every method that applies (not window, which shows attention "
+                        "weights, not a class's evidence) on the labelled images of --data: "
+                        "deletion with the mean colour and with ROAD's imputation, insertion, "
+                        f"random pixel order as the baseline, {STEPS} steps; the most faithful "
+                        "is the one whose two deletion AUCs, as multiples of random order's, "
+                        "have the lowest mean (insertion breaks ties). Prints the table; with "
+                        "--save, records the choice")
+    c.add_argument("--save", metavar="FILE",
+                   help="--choose: write the checkpoint with the choice recorded to FILE (a "
+                        "new file, its weights byte for byte MODEL's; MODEL itself is never "
+                        "rewritten); vistra explain and vistra serve then default to it")
+    c.add_argument("--seconds", type=float, metavar="S",
+                   help="--choose: stop scoring after the images that fit in S seconds "
+                        "(default: no limit)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.paths and not args.evaluate:
-        raise ValueError("give images or folders to explain, or --evaluate --data DIR")
+    if not args.paths and not args.evaluate and not args.choose:
+        raise ValueError("give images or folders to explain, or --evaluate or --choose with "
+                         "--data DIR")
     if args.paths and not args.out:
         raise ValueError("--out DIR is required: the folder to write the maps to")
-    if args.evaluate and not args.data:
-        raise ValueError("--evaluate needs --data DIR, a folder of labelled images")
+    for flag, given in (("--evaluate", args.evaluate), ("--choose", args.choose)):
+        if given and not args.data:
+            raise ValueError(f"{flag} needs --data DIR, a folder of labelled images")
     if args.road and not args.evaluate:
         raise ValueError("--road is a faithfulness score: add --evaluate --data DIR")
+    for flag, value in (("--save", args.save), ("--seconds", args.seconds)):
+        if value is not None and not args.choose:
+            raise ValueError(f"{flag} belongs to --choose: add --choose --data DIR")
+    if args.seconds is not None and args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    if args.limit is None:
+        args.limit = CHOOSE_LIMIT if args.choose and not args.evaluate else EVALUATE_LIMIT
     for option in ("topk", "limit", "steps", "masks"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option} must be 1 or more, got {getattr(args, option)}")
@@ -106,6 +139,15 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluate and not isinstance(model, torch.nn.Module):
         raise ValueError("--evaluate needs the PyTorch model (its sanity check re-initialises "
                          "it): give the .safetensors checkpoint the .onnx file came from")
+    if args.choose:
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError("--choose records the method in a .safetensors checkpoint: give "
+                             "the one the .onnx file came from")
+        choose_for_folder(model, Path(args.checkpoint), Path(args.data), limit=args.limit,
+                          seconds=args.seconds, save=Path(args.save) if args.save else None,
+                          force=args.force)
+    if not args.method and (args.paths or args.evaluate):
+        print(f"method: {default_method(model)}, {default_reason(model)}", file=sys.stderr)
     methods = _methods(model, args.method)
     options = dict(block=args.block, query=_query(args.query), stage=args.stage,
                    window=args.window, stride=args.stride, masks=args.masks, seed=args.seed)

@@ -246,10 +246,18 @@ def load_labelled(model: torch.nn.Module, data: Path, limit: int,
         raise ValueError(f"{data} has classes the model does not know: {', '.join(unknown)}")
     if not samples:
         raise ValueError(f"{data} holds no readable labelled images")
+    known = [classes.index(name) for name in split.classes]
+    return labelled_images(model, [(path, known[label]) for path, label in samples], limit,
+                           seed)
+
+
+def labelled_images(model: torch.nn.Module, samples: list[tuple[Path, int]], limit: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to `limit` of (image path, class index) `samples` (a seeded random subset, in their
+    order), preprocessed for the model, and their class indices."""
     if len(samples) > limit:
         pick = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
         samples = [samples[i] for i in sorted(pick[:limit].tolist())]
     transform = eval_transform(model)
     x = torch.stack([transform(load_rgb(path)) for path, _ in samples])
-    labels = torch.tensor([classes.index(split.classes[label]) for _, label in samples])
-    return x, labels
+    return x, torch.tensor([label for _, label in samples])

@@ -148,6 +148,17 @@ class TrainConfig:
                                             "teacher's in config.yaml, so rerunning that file "
                                             "or resuming refuses another teacher",
                                       metavar="HEX")
+    # --- after training ---
+    explain_choose: bool = _opt(True, "score each explain method on validation images (ROAD and "
+                                      "mean-colour deletion, insertion) and record the most "
+                                      "faithful in best.safetensors: the default of `vistra "
+                                      "explain` and `vistra serve` for this model")
+    explain_choose_images: int = _opt(256, "the most validation images the explain choice "
+                                           "scores")
+    explain_choose_seconds: float = _opt(60.0, "the time the explain choice may take: fewer "
+                                               "images when the methods are slow (the first "
+                                               "image is scored whatever it takes)",
+                                         metavar="S")
     # --- run ---
     seed: int = _opt(0, "seed of the split, the initialisation and every random draw")
     threads: int | None = _opt(None, "CPU threads per training process (default: torch's "
@@ -175,6 +186,10 @@ class TrainConfig:
                              f"got {self.random_erasing}")
         if self.workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.workers}")
+        if self.explain_choose_images < 1 or self.explain_choose_seconds <= 0:
+            raise ValueError("explain_choose_images must be 1 or more and "
+                             "explain_choose_seconds positive, got "
+                             f"{self.explain_choose_images} and {self.explain_choose_seconds}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         self._check_fine_tuning()

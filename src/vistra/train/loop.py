@@ -47,6 +47,7 @@ from vistra.data import (
     write_class_indices,
 )
 from vistra.evaluate import EvalTotals, run_evaluation
+from vistra.explain.choose import choose_for_run, relative_deletion
 from vistra.factory import create_model
 from vistra.fileio import atomic_write_text
 from vistra.runtime import is_distilled, mean_logits
@@ -76,7 +77,8 @@ from .teacher import InputFormat, Teacher, TeacherIdentity, TeacherModel, load_t
 # nor which images it trains on (lr scales the rest of the schedule, e.g. after a divergence;
 # teacher: the same teacher from another place, its SHA-256 checked).
 RESUME_OVERRIDES = ("lr", "clip_grad", "device", "workers", "threads", "cache_images", "quiet",
-                    "teacher")
+                    "teacher", "explain_choose", "explain_choose_images",
+                    "explain_choose_seconds")
 
 
 @dataclass
@@ -180,6 +182,8 @@ def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) 
                        f"top-1 in {cfg.patience} epoch(s) (patience {cfg.patience})")
     _say(ctx, cfg, f"best validation top-1 {best.top1:.2%} (epoch {best.epoch}, "
                    f"{best.weights} weights) -> {run_dir / BEST}")
+    if ctx.is_main and cfg.explain_choose:
+        _choose_explain(run)
     return TrainResult(run_dir, best.top1, best.epoch, best.weights,
                        run.history if ctx.is_main else [], run.split, run.model)
 
@@ -532,6 +536,28 @@ def _save_epoch(run: RunState, record: dict, improved: nn.Module | None,
         _say(run.ctx, cfg, f"time budget {cfg.time_budget:g} min: epochs take "
                            f"{statistics.median(run.epoch_times):.0f} s, {run.planned} fit; "
                            f"the schedule now ends with epoch {run.planned}")
+
+
+def _choose_explain(run: RunState) -> None:
+    """Rank 0's last step: the explain method measured most faithful for the best weights on
+    validation images, within cfg.explain_choose_seconds, recorded in best.safetensors
+    (vistra.explain.choose). The run's weights are saved already, so a failure here is
+    reported, not raised."""
+    cfg, best = run.cfg, run.run_dir / BEST
+    began = time.perf_counter()
+    try:
+        choice = choose_for_run(best, run.split.val, f"{cfg.data} (validation)",
+                                limit=cfg.explain_choose_images,
+                                seconds=cfg.explain_choose_seconds, device=run.ctx.device)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"explain: no method recorded in {best} ({err}); choose one later with "
+              f"`vistra explain {best} --choose --data DIR --save FILE`", file=sys.stderr)
+        return
+    _say(run.ctx, cfg, f"explain: {choice.method}, the most faithful of "
+                       f"{len(choice.scores) - 1} methods on {choice.images} validation images "
+                       f"(deletion AUCs {relative_deletion(choice.scores, choice.method):.2f}x "
+                       f"the random order's; {time.perf_counter() - began:.0f} s) -> recorded "
+                       f"in {best}")
 
 
 def _teacher_record(objective: Objective) -> dict:

@@ -233,7 +233,7 @@ def test_explain_is_the_top_level_function_and_leaves_the_model_as_it_was():
     model = vistra.create_model("swin_fmnist").train()
     assert vistra.explain is explain
     assert methods_for(model) == ("gradcam", "scorecam", "window", "occlusion", "rise",
-                                  "gradient")
+                                  "gradient", "lrp")
     e = vistra.explain(model, torch.randn(1, 28, 28), target=3)
     assert e.target == 3 and e.map.shape == (28, 28)
     assert model.training

@@ -27,11 +27,11 @@ The rules (the paper's numbering):
 The stem (the patch conv, vit_fmnist's and swin_fmnist's conv-BatchNorm-ReLU layers, the
 R50 hybrid's ResNet) gets the same rules, so the map is at the input's pixels: convolutions
 and BatchNorm in evaluation (an affine map, folded into its conv) the epsilon rule, ReLU the
-identity rule (its gradient already), max-pool the winner takes all. That is what lxt leaves
-on a ViT's patch conv; the z+ / gamma rules would smooth a deep stem's map but favour
-positive evidence by construction, and relevance would no longer be the model's own
-linearisation. The map is the relevance summed over the input channels, signed: the model's
-evidence for the class (> 0) and against it (< 0).
+identity rule (its gradient already), max-pool the winner takes all. lxt's rules for
+torchvision's ViT leave its patch conv so too; the z+ / gamma rules would smooth a deep
+stem's map but favour positive evidence by construction, and relevance would no longer be
+the model's own linearisation. The map is the relevance summed over the input channels,
+signed: the model's evidence for the class (> 0) and against it (< 0).
 
 The rules hold only inside `attnlrp_rules`, which sets instance attributes (`forward` of
 the norms and activations, `split` of each attention module) and removes them after.

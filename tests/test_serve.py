@@ -34,6 +34,7 @@ from test_serve_uploads import BAD_UPLOADS, noise_png
 import vistra.serve.service
 from vistra.cli import main
 from vistra.data.images import load_rgb
+from vistra.explain import default_method
 from vistra.runtime import load_classifier
 from vistra.serve import ServeSettings, create_app
 from vistra.serve.batcher import Batcher
@@ -87,6 +88,16 @@ def test_predict_answers_the_models_top_classes_for_multipart_and_raw_uploads(cl
     assert len(everything["classes"]) == len(CLASSES)
     assert sum(c["probability"] for c in everything["classes"]) == pytest.approx(1, abs=1e-5)
     assert client.post("/v1/predict?topk=0", content=path.read_bytes()).status_code == 422
+
+
+def test_a_prediction_tells_the_forward_pass_it_rode_in_and_the_apps_time(client):
+    response = client.post("/v1/predict", content=fashion_images(1)[0].read_bytes())
+    timing = response.headers["server-timing"]
+    forward = re.search(r'forward;dur=([0-9.]+);desc="batch (\d+)"', timing)
+    total = re.search(r"total;dur=([0-9.]+)", timing)
+    assert forward and total, timing
+    assert int(forward[2]) == 1 and 0 < float(forward[1]) <= float(total[1])
+    assert "total;dur=" in client.get("/healthz").headers["server-timing"]
 
 
 def test_batch_answers_each_file_in_order_and_reports_bad_ones_alone(client, classifier):
@@ -272,6 +283,7 @@ def test_explain_adds_a_heat_map_overlay_when_enabled(classifier):
         info = client.get("/v1/model").json()
         assert info["explain_unavailable"] is None and info["explain_methods"]
         method = info["explain_methods"][0]
+        assert method == info["explain_default"] == default_method(classifier.model)
         path = fashion_images(1)[0]
         response = client.post(f"/v1/predict?explain={method}", content=path.read_bytes())
         assert response.status_code == 200, response.text
@@ -300,12 +312,30 @@ def test_batcher_gives_each_request_its_own_row_of_one_shared_pass(classifier):
     batcher = Batcher(classifier, max_batch=4, max_wait_s=0.5,
                       on_batch=lambda size, seconds: sizes.append(size))
     images = [classifier.transform(load_rgb(p)) for p in fashion_images(6)]
-    futures = [batcher.submit(x) for x in images]
+    batcher.expect(len(images))
+    futures = [batcher.submit(x, expected=True) for x in images]
     results = [f.result(30) for f in futures]
     batcher.stop()
     assert sizes == [4, 2]
-    for x, logits in zip(images, results, strict=True):
+    assert [done.size for _, done in results] == [4, 4, 4, 4, 2, 2]
+    for x, (logits, _) in zip(images, results, strict=True):
         torch.testing.assert_close(logits, classifier(x.unsqueeze(0))[0], atol=1e-5, rtol=1e-5)
+
+
+def test_batcher_waits_for_company_only_while_some_is_expected():
+    batcher = Batcher(lambda batch: batch.flatten(1)[:, :1], max_batch=8, max_wait_s=5.0)
+    started = time.perf_counter()
+    alone = batcher.submit(torch.ones(1, 2, 2)).result(10)
+    assert time.perf_counter() - started < 2.5 and alone[1].size == 1  # not the 5 s wait
+
+    batcher.expect(2)  # two images are being preprocessed: the first waits for the second
+    first = batcher.submit(torch.ones(1, 2, 2), expected=True)
+    time.sleep(0.2)
+    second = batcher.submit(2 * torch.ones(1, 2, 2), expected=True)
+    (first_row, first_pass), (second_row, second_pass) = first.result(10), second.result(10)
+    batcher.stop()
+    assert first_pass.size == second_pass.size == 2
+    assert first_row.tolist() == [1.0] and second_row.tolist() == [2.0]
 
 
 def test_batcher_runs_jobs_alone_skips_cancelled_work_and_reports_failures():
@@ -327,7 +357,7 @@ def test_batcher_runs_jobs_alone_skips_cancelled_work_and_reports_failures():
     failing = batcher.submit(-torch.ones(1, 2, 2))
     assert cancelled.cancel()
     gate.set()
-    assert first.result(10).tolist() == [1.0, 1.0] and job.result(10) == "alone"
+    assert first.result(10)[0].tolist() == [1.0, 1.0] and job.result(10) == "alone"
     with pytest.raises(RuntimeError, match="negative input"):
         failing.result(10)
     batcher.stop()

@@ -91,7 +91,7 @@ def test_heat_maps_of_a_bf16_service_are_the_fp32_ones_from_a_copy_loaded_once_w
         fp32_map = client.post(url, content=body).json()["explanation"]
     assert loads == []  # an fp32 service explains the model it serves
 
-    app = create_app(bf16, ServeSettings(explain=True))
+    app = create_app(bf16, ServeSettings(explain=True, explain_max_in_flight=3))
     assert app.state.service.ready.wait(30)
     assert loads == []  # nothing loaded before the first heat map is asked for
 

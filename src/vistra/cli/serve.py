@@ -57,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true",
                    help="offer heat maps (?explain=METHOD and on the page); they cost a "
                         "backward pass each, so they are off by default")
+    p.add_argument("--explain-max-in-flight", type=int, default=d.explain_max_in_flight,
+                   help="heat-map requests in progress at once; more are refused with 503 "
+                        "and Retry-After. Maps are drawn one at a time on a model copy of "
+                        "their own, so predictions go on meanwhile "
+                        f"(default: {d.explain_max_in_flight})")
+    p.add_argument("--explain-timeout-s", type=float, default=d.explain_timeout_s,
+                   help="a heat-map request's time limit instead of --timeout-s; later "
+                        f"answers 504 and the map stops (default: {d.explain_timeout_s:g})")
     p.set_defaults(func=run)
 
 
@@ -66,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         queue_size=args.queue_size, timeout_s=args.timeout_s,
         read_timeout_s=args.read_timeout_s, max_in_flight_per_client=args.max_in_flight_per_client,
         preprocess_threads=max(2, args.threads or 2), max_megapixels=args.max_megapixels,
-        explain=args.explain)
+        explain=args.explain, explain_max_in_flight=args.explain_max_in_flight,
+        explain_timeout_s=args.explain_timeout_s)
     from vistra.serve.server import run as run_server
 
     run_server(args.model, settings, host=args.host, port=args.port, workers=args.workers,

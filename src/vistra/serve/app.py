@@ -8,7 +8,13 @@ than `read_timeout_s` (else 408), the image size is checked from its header befo
 is decoded, decoding runs on a fixed pool of threads, at most `queue_size` predictions are in
 the service at once (more get 503 and Retry-After) and `max_in_flight_per_client` from one
 client address (more get 429 and Retry-After), and each one has `timeout_s` to finish (else
-504).
+504). A heat map (?explain=) also needs one of `explain_max_in_flight` places (else 503 and
+Retry-After) and has `explain_timeout_s` instead; heat maps are drawn on a thread and a model
+copy of their own, so predictions are served while they are drawn.
+
+Every prediction's answer carries a Server-Timing header: `forward`, the forward pass it
+rode in (and that pass's batch size), beside `total`, the app's time for the request, which
+`vistra.serve.metrics.CountRequests` adds to every response.
 
 This module is the web side only: the routes, plain functions that find the `Service` at
 `request.app.state.service`. Reading and checking uploads is `vistra.serve.uploads`, the
@@ -31,6 +37,7 @@ from starlette.requests import ClientDisconnect
 
 from vistra import __version__
 from vistra.runtime import Classifier
+from vistra.serve.batcher import BatchPass
 from vistra.serve.metrics import CountRequests
 from vistra.serve.reference import render_reference
 from vistra.serve.schemas import (
@@ -52,7 +59,8 @@ PAGE_FILES = {"index.html": "text/html; charset=utf-8",
               "style.css": "text/css; charset=utf-8"}
 
 TopK = Annotated[int, Query(ge=1, description="how many classes to return")]
-ExplainMethod = Annotated[str | None, Query(description="heat map method, see GET /v1/model")]
+ExplainMethod = Annotated[str | None, Query(description="heat map method, see GET /v1/model; "
+                                                       "empty or 'default': the model's default")]
 
 router = APIRouter()
 
@@ -85,12 +93,17 @@ def create_app(classifier: Classifier, settings: ServeSettings | None = None) ->
 @router.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True,
              openapi_extra={"requestBody": IMAGE_BODY}, responses=ERRORS,
              summary="Classify one image")
-async def predict(request: Request, topk: TopK = 5, explain: ExplainMethod = None) -> dict:
+async def predict(request: Request, response: Response, topk: TopK = 5,
+                  explain: ExplainMethod = None) -> dict:
     start = time.perf_counter()
     service = _service(request)
-    service.check_explain(explain)
-    async with service.admitted(_client(request)):
-        return await service.within_time(_predict_one(request, service, topk, start, explain))
+    method = service.explain_method(explain)
+    explaining = method is not None
+    async with service.admitted(_client(request), explaining):
+        result, done = await service.within_time(
+            _predict_one(request, service, topk, start, method), explaining)
+    response.headers["Server-Timing"] = _forward_timing(done)
+    return result
 
 
 @router.post("/v1/predict/batch", response_model=list[BatchItem],
@@ -104,7 +117,7 @@ async def predict_batch(request: Request, topk: TopK = 5) -> list[dict]:
 
 
 async def _predict_one(request: Request, service: Service, topk: int, start: float,
-                       explain: str | None) -> dict:
+                       explain: str | None) -> tuple[dict, BatchPass]:
     files = await _receive(request, service)
     if len(files) > 1:
         raise HTTPException(400, f"{len(files)} files sent; /v1/predict takes one, "
@@ -124,15 +137,17 @@ async def _predict_each(request: Request, service: Service, topk: int,
 async def _batch_item(service: Service, upload: Upload, topk: int, start: float) -> dict:
     """One file's answer, or the status and reason it alone would have got."""
     try:
-        return {"file": upload.name, **await service.predict(upload, topk, start)}
+        result, _ = await service.predict(upload, topk, start)
+        return {"file": upload.name, **result}
     except (UploadError, ServiceError) as error:
         return {"file": upload.name, "status": error.status, "detail": error.detail}
 
 
 async def _receive(request: Request, service: Service) -> list[Upload]:
     try:
-        return await read_uploads(request.stream(), request.headers.get("content-type", ""),
-                                  service.settings, request.headers.get("content-length"))
+        with service.receiving():
+            return await read_uploads(request.stream(), request.headers.get("content-type", ""),
+                                      service.settings, request.headers.get("content-length"))
     except ClientDisconnect as error:  # nobody to answer; keep it out of the error log
         raise UploadError(400, "the client went away during the upload") from error
     except UploadTimedOut:  # answered 408 by _upload_refused
@@ -201,6 +216,11 @@ def _page_files() -> dict[str, bytes]:
 
 def _service(request: Request) -> Service:
     return request.app.state.service
+
+
+def _forward_timing(done: BatchPass) -> str:
+    """The Server-Timing entry of the forward pass a prediction rode in."""
+    return f'forward;dur={done.seconds * 1000:.3f};desc="batch {done.size}"'
 
 
 def _client(request: Request) -> str:

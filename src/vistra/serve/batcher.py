@@ -1,12 +1,14 @@
 """Dynamic batching: requests that arrive close together share one forward pass.
 
-One model thread owns the model. It takes the first waiting input, then keeps collecting for
-at most `max_wait_s` (or until `max_batch` inputs), stacks them and runs them as one batch;
-each request's future receives its own row of the logits. Under load, requests share the
-cost of a pass, while a lone request waits at most `max_wait_s` more; what that gains on a
-given machine is measured in benchmarks/serving.md. Other work that must not overlap a
-forward pass (an explanation hooks into the model) is queued as a job and runs alone on the
-same thread.
+One model thread owns the model. It takes the first waiting input, then takes what else is
+queued and, while more inputs are on their way (announced with `expect`: being received or
+preprocessed), waits for them for at most `max_wait_s` (or until `max_batch` inputs); it
+stacks them and
+runs them as one batch, and each request's future receives its own row of the logits and
+the pass it rode in. Under load, requests share the cost of a pass; a lone request does not
+wait for company that is not coming. What that gains on a given machine is measured in
+benchmarks/serving.md. Other work that must not overlap a forward pass is queued as a job
+and runs alone on the same thread.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+
+class BatchPass(NamedTuple):
+    """The forward pass a request rode in: how many images it held and how long it took."""
+
+    size: int
+    seconds: float
 
 
 @dataclass
@@ -33,7 +42,8 @@ class _Item:
 class Batcher:
     """Runs `model(batch [B, C, H, W]) -> logits [B, K]` on a thread of its own.
 
-    `on_batch(size, seconds)` is told about every forward pass (for metrics).
+    `on_batch(size, seconds)` is told about every forward pass (for metrics). A batch waits
+    for company only while some is announced (`expect`): a lone request does not wait.
     """
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], max_batch: int,
@@ -45,16 +55,27 @@ class Batcher:
         self.max_batch = max_batch
         self.max_wait_s = max(0.0, max_wait_s)
         self.on_batch = on_batch
+        self._expected = 0  # inputs announced and not yet queued (or withdrawn)
+        self._expected_lock = threading.Lock()
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="vistra-model", daemon=True)
         self._thread.start()
         # A daemon thread killed inside a forward pass aborts the interpreter at exit.
         atexit.register(self.stop)
 
-    def submit(self, image: torch.Tensor) -> Future:
-        """Queue one preprocessed image; the future resolves to its logits [K]."""
+    def expect(self, count: int = 1) -> None:
+        """Announce `count` inputs on their way (a negative count withdraws them): while any
+        are, a batch waits up to `max_wait_s` for them. Any thread."""
+        with self._expected_lock:
+            self._expected += count
+
+    def submit(self, image: torch.Tensor, expected: bool = False) -> Future:
+        """Queue one preprocessed image (`expected`: one announced, which this withdraws);
+        the future resolves to its logits [K] and the `BatchPass` that computed them."""
         item = _Item(Future(), input=image)
         self._queue.put(item)
+        if expected:  # after the put: who reads no more expected finds it queued
+            self.expect(-1)
         return item.future
 
     def call(self, job: Callable[[], Any]) -> Future:
@@ -87,8 +108,11 @@ class Batcher:
             batch = [item]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch:
+                # Read before the queue: what was expected then is queued by now.
+                wait = self._expected > 0
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic())
+                                          if wait else None, block=wait)
                 except queue.Empty:
                     break
                 if nxt is None or nxt.job is not None:
@@ -109,9 +133,10 @@ class Batcher:
             for item in live:
                 item.future.set_exception(error)
             return
-        self.on_batch(len(live), time.perf_counter() - start)
+        done = BatchPass(len(live), time.perf_counter() - start)
+        self.on_batch(*done)
         for row, item in zip(logits, live, strict=True):
-            item.future.set_result(row)
+            item.future.set_result((row, done))
 
 
 def _run_job(item: _Item) -> None:

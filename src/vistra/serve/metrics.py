@@ -1,5 +1,6 @@
 """Prometheus metrics of one service, and the ASGI middleware that counts and times every
-response (plain ASGI: no web framework needed to read or test it)."""
+response and tells its time in a Server-Timing header (plain ASGI: no web framework needed
+to read or test it)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,17 @@ class Metrics:
         self.client_limit_refusals = Counter(
             "vistra_client_limit_refusals", "Predictions refused because their client address "
             "had max_in_flight_per_client in progress (answered 429)", registry=r)
+        self.explains_in_flight = Gauge("vistra_explains_in_flight", "Heat-map requests in "
+                                        "the service", registry=r)
+        self.explain_refusals = Counter(
+            "vistra_explain_refusals", "Heat-map requests refused because "
+            "explain_max_in_flight were in progress (answered 503)", registry=r)
+        self.explain_timeouts = Counter(
+            "vistra_explain_timeouts", "Heat-map requests not answered within "
+            "explain_timeout_s (answered 504)", registry=r)
+        self.explain_seconds = Histogram(
+            "vistra_explain_seconds", "Time to draw one heat map and its overlay",
+            buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.model = Info("vistra_model", "The model served: name, backend and the dtype it "
                           "computes in", registry=r)
 
@@ -62,7 +74,9 @@ class Metrics:
 
 class CountRequests:
     """ASGI middleware: every response counted by path (known routes only, so scanners
-    cannot grow the label set), method and status code, and timed."""
+    cannot grow the label set), method and status code, and timed; the time from the request
+    to its response's head is sent as `Server-Timing: total;dur=MS`, so a client can tell
+    the server's time from the network's."""
 
     def __init__(self, app: Callable, metrics: Metrics, paths: frozenset[str]) -> None:
         self.app, self.metrics, self.paths = app, metrics, paths
@@ -77,6 +91,8 @@ class CountRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                total = f"total;dur={(time.perf_counter() - start) * 1000:.3f}".encode()
+                message["headers"] = [*message.get("headers", ()), (b"server-timing", total)]
             await send(message)
 
         try:

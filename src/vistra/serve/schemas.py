@@ -51,7 +51,12 @@ class ModelInfo(BaseModel):
     max_batch: int
     max_upload_mb: float
     explain_methods: list[str] = Field(description="methods for ?explain=, empty if none")
+    explain_default: str | None = Field(description="the method ?explain= (empty) or "
+                                        "?explain=default uses: the one the model's card "
+                                        "records as most faithful, else its family's")
     explain_unavailable: str | None = Field(description="why heat maps are off, if they are")
+    explain_max_in_flight: int = Field(description="heat-map requests at once; more get 503")
+    explain_timeout_s: float = Field(description="a heat-map request's time limit (504)")
     version: str
 
 
@@ -84,5 +89,6 @@ ERRORS = {code: {"description": text, "content": {"application/json": {"example"
     (415, "the upload is not an image"),
     (429, "--max-in-flight-per-client requests from this address in progress (see "
      "Retry-After)"),
-    (503, "too many requests in the service (see Retry-After)"),
-    (504, "not answered within --timeout-s")]}
+    (503, "too many requests in the service, or --explain-max-in-flight heat maps (see "
+     "Retry-After)"),
+    (504, "not answered within --timeout-s (a heat map: --explain-timeout-s)")]}

@@ -26,14 +26,20 @@ class ServeSettings:
     max_megapixels: float = 40.0  # decoded size limit: a 40 MP RGB image is 120 MB
     max_aspect_ratio: float = 50.0  # long side / short side; beyond it nothing is recognisable
     explain: bool = False  # heat maps on request (?explain=METHOD): costly, so opt-in
+    # Heat-map requests in the service at once (more get 503): they run one at a time on a
+    # thread and model copy of their own, so however many are asked for, predictions go on.
+    explain_max_in_flight: int = 2
+    # An explain request's time from arrival to answer, instead of timeout_s (later gets 504):
+    # a heat map may take seconds where a prediction takes milliseconds.
+    explain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "queue_size", "preprocess_threads",
-                     "max_in_flight_per_client"):
+                     "max_in_flight_per_client", "explain_max_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be 1 or more, got {getattr(self, name)}")
         for name in ("max_upload_mb", "timeout_s", "read_timeout_s", "max_megapixels",
-                     "max_aspect_ratio"):
+                     "max_aspect_ratio", "explain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:

@@ -30,7 +30,12 @@ async function loadModel() {
     `${model.classes.length} classes · ${model.input_size.slice(1).join("×")} · ${model.backend}`;
   $("limit").textContent = `up to ${model.max_upload_mb} MB`;
   if (model.explain_methods.length) {
-    for (const method of model.explain_methods) $("method").add(new Option(method, method));
+    // The model's default (the method its card records as most faithful) is preselected.
+    for (const method of model.explain_methods) {
+      const isDefault = method === model.explain_default;
+      $("method").add(new Option(isDefault ? `${method} (default)` : method, method,
+                                 isDefault, isDefault));
+    }
     $("explain-box").hidden = false;
   } else {
     $("explain-off").textContent = `Heat maps off: ${model.explain_unavailable}.`;

@@ -1,0 +1,133 @@
+"""Heat maps in `vistra serve` cannot starve prediction: they are drawn one at a time on a
+thread and a model copy of their own, at most --explain-max-in-flight are admitted (more get
+503), and each has --explain-timeout-s (504, and the map stops at its next model call).
+`?explain=` (empty) and `?explain=default` use the model's default method."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import (
+    asyncio_of_python_310,
+    count,
+    fashion_images,
+    scrape_metrics,
+    tiny_checkpoint,
+)
+
+import vistra.serve.service
+from vistra.runtime import load_classifier
+from vistra.serve import ServeSettings, create_app
+
+BODY = fashion_images(1)[0].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    return load_classifier(tiny_checkpoint(tmp_path_factory.mktemp("explain") / "tiny.safetensors"))
+
+
+def _app(classifier, **settings):
+    app = create_app(classifier, ServeSettings(explain=True, **settings))
+    assert app.state.service.ready.wait(30), "the model did not warm up"
+    return app
+
+
+def test_explain_empty_or_default_uses_the_models_default_and_v1_model_names_it(classifier,
+                                                                                monkeypatch):
+    # Whatever vistra.explain.default_method answers (a choice recorded in the card, or the
+    # family's), not a default of the service's own.
+    monkeypatch.setattr(vistra.serve.service, "default_method", lambda model: "gradient")
+    with TestClient(_app(classifier)) as client:
+        info = client.get("/v1/model").json()
+        assert info["explain_default"] == "gradient"
+        assert info["explain_methods"][0] == "gradient"  # the page preselects it
+        assert info["explain_max_in_flight"] == 2 and info["explain_timeout_s"] == 30
+        for query in ("explain=", "explain=default"):
+            response = client.post(f"/v1/predict?{query}", content=BODY)
+            assert response.status_code == 200, response.text
+            assert response.json()["explanation"]["method"] == "gradient"
+        response = client.post("/v1/predict?explain=nonsense", content=BODY)
+        assert response.status_code == 400 and "(or default)" in response.json()["detail"]
+
+
+def test_while_a_heat_map_holds_the_limit_predictions_are_served_and_another_map_gets_503(
+        classifier):
+    app = _app(classifier, explain_max_in_flight=1)
+    service = app.state.service
+    drawing, release = threading.Event(), threading.Event()
+
+    def held(module, inputs):  # the heat map's model call waits until released
+        drawing.set()
+        release.wait(30)
+
+    service.explain_model().register_forward_pre_hook(held)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve",
+                                     timeout=30) as client:
+            first = asyncio.create_task(client.post("/v1/predict?explain=", content=BODY))
+            while not drawing.is_set():
+                await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            plain = await client.post("/v1/predict", content=BODY)
+            plain_seconds = time.perf_counter() - started
+            second = await client.post("/v1/predict?explain=default", content=BODY)
+            still_drawing = not first.done()
+            release.set()
+            return await first, plain, plain_seconds, second, still_drawing
+
+    try:
+        first, plain, plain_seconds, second, still_drawing = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert still_drawing and plain.status_code == 200 and plain_seconds < 2
+    assert second.status_code == 503 and second.headers["retry-after"] == "1"
+    assert "1 heat maps are already being drawn" in second.json()["detail"]
+    assert first.status_code == 200 and "explanation" in first.json()
+    with TestClient(app) as client:
+        metrics = scrape_metrics(client)
+    assert count(metrics["vistra_explain_refusals"], "vistra_explain_refusals_total") == 1
+    assert metrics["vistra_explains_in_flight"][0].value == 0
+    assert service.explains_in_flight == 0 and service.in_flight == 0
+
+
+@pytest.mark.parametrize("python", ["3.11+", "3.10"])
+def test_a_heat_map_past_its_time_gets_504_stops_and_the_service_lives_on(classifier, python,
+                                                                          monkeypatch):
+    if python == "3.10":  # asyncio.wait_for raises asyncio's TimeoutError, not the builtin
+        monkeypatch.setattr(vistra.serve.service, "asyncio", asyncio_of_python_310())
+    app = _app(classifier, explain_timeout_s=0.3)
+    service = app.state.service
+    calls = []
+
+    def slow(module, inputs):  # every model call of the heat map takes 0.4 s
+        calls.append(time.perf_counter())
+        time.sleep(0.4)
+
+    service.explain_model().register_forward_pre_hook(slow)
+    with TestClient(app) as client:
+        started = time.perf_counter()
+        response = client.post("/v1/predict?explain=occlusion", content=BODY)
+        waited = time.perf_counter() - started
+        assert response.status_code == 504, response.text
+        assert "no heat map within 0.3 s" in response.json()["detail"]
+        assert waited < 2
+        # Occlusion calls the model again and again: past its time it stops at the next
+        # call, freeing the explain thread.
+        service.explainer.submit(lambda: None).result(5)
+        calls_then = len(calls)
+        time.sleep(0.5)
+        assert len(calls) == calls_then <= 2
+        assert client.post("/v1/predict", content=BODY).status_code == 200
+        assert client.get("/healthz").status_code == 200
+        metrics = scrape_metrics(client)
+    assert count(metrics["vistra_explain_timeouts"], "vistra_explain_timeouts_total") == 1
+    assert count(metrics["vistra_http_requests"], "vistra_http_requests_total",
+                 path="/v1/predict", code="504") == 1

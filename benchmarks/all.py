@@ -81,7 +81,8 @@ def explain_args(args: argparse.Namespace, out: Path) -> list[str] | str:
         return NEEDS_FM
     vit, swin = args.fm_checkpoints
     return ["--vit", str(vit), "--swin", str(swin), "--data", str(args.fm_test), "--out",
-            str(out), *(["--limit", "20", "--steps", "8"] if args.quick else [])]
+            str(out), *(["--limit", "8", "--location-images", "8", "--location-epochs", "1",
+                         "--steps", "8"] if args.quick else [])]
 
 
 def fashion_mnist_args(args: argparse.Namespace, out: Path) -> list[str] | str:

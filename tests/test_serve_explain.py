@@ -1,26 +1,36 @@
 """Heat maps in `vistra serve` cannot starve prediction: they are drawn one at a time on a
 thread and a model copy of their own, at most --explain-max-in-flight are admitted (more get
 503), and each has --explain-timeout-s (504, and the map stops at its next model call).
-`?explain=` (empty) and `?explain=default` use the model's default method."""
+`?explain=` (empty) and `?explain=default` use the model's default method. An .onnx model
+offers the methods that only run it (occlusion, RISE), under the same limits."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import io
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from serve_helpers import (
     asyncio_of_python_310,
     count,
     fashion_images,
+    running_server,
     scrape_metrics,
     tiny_checkpoint,
 )
 
 import vistra.serve.service
+from vistra.data.images import load_rgb
+from vistra.explain import explain, overlay
+from vistra.onnx import export_checkpoint, quantize_int8
 from vistra.runtime import load_classifier
 from vistra.serve import ServeSettings, create_app
 
@@ -131,3 +141,77 @@ def test_a_heat_map_past_its_time_gets_504_stops_and_the_service_lives_on(classi
     assert count(metrics["vistra_explain_timeouts"], "vistra_explain_timeouts_total") == 1
     assert count(metrics["vistra_http_requests"], "vistra_http_requests_total",
                  path="/v1/predict", code="504") == 1
+
+
+# -- an exported .onnx model ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_file(classifier, tmp_path_factory):
+    path = tmp_path_factory.mktemp("explain-onnx") / "tiny.onnx"
+    export_checkpoint(classifier.source, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_file(onnx_file):
+    return quantize_int8(onnx_file, onnx_file.with_name("tiny.int8.onnx"))
+
+
+def _pixels(png: Image.Image) -> np.ndarray:
+    return np.asarray(png.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_an_onnx_model_offers_occlusion_and_rise_and_draws_vistra_explains_map(kind, request):
+    onnx_file = request.getfixturevalue("onnx_file" if kind == "fp32" else "int8_file")
+    served = load_classifier(onnx_file)
+    assert served.dtype == kind and served.model is None
+    with running_server(_app(served)) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        info = client.get("/v1/model").json()
+        answers = {query: client.post(f"/v1/predict?explain={query}", content=BODY)
+                   for query in ("occlusion", "", "gradcam")}
+    assert info["backend"] == "onnx" and info["explain_unavailable"] is None
+    assert info["explain_methods"] == ["occlusion", "rise"]
+    assert info["explain_default"] == "occlusion"
+    refused = answers["gradcam"]
+    assert refused.status_code == 400, refused.text
+    assert "'gradcam' does not apply" in refused.json()["detail"]
+    assert "offers occlusion, rise" in refused.json()["detail"]
+    # The same map as the library draws for the file and the image, on the same overlay.
+    image = load_rgb(fashion_images(1)[0])
+    expected = explain(load_classifier(onnx_file), image, method="occlusion")
+    drawn = _pixels(overlay(image, expected, caption=False))
+    for query in ("occlusion", ""):
+        assert answers[query].status_code == 200, answers[query].text
+        got = answers[query].json()["explanation"]
+        assert got["method"] == "occlusion" and got["target"] == expected.target
+        assert got["label"] == expected.label
+        assert got["probability"] == pytest.approx(expected.probability, abs=1e-5)
+        served = Image.open(io.BytesIO(base64.b64decode(got["overlay_png"])))
+        assert np.abs(_pixels(served) - drawn).max() <= 1
+
+
+def test_an_onnx_heat_map_past_its_time_gets_504_and_stops(onnx_file):
+    onnx = load_classifier(onnx_file)
+    calls = []
+
+    def slow_heat_maps(batch):  # each model call of a heat map takes 0.4 s, predictions not
+        if threading.current_thread().name.startswith("vistra-explain"):
+            calls.append(time.perf_counter())
+            time.sleep(0.4)
+        return onnx.run(batch)
+
+    app = _app(dataclasses.replace(onnx, run=slow_heat_maps), explain_timeout_s=0.3)
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        started = time.perf_counter()
+        response = client.post("/v1/predict?explain=rise", content=BODY)
+        waited = time.perf_counter() - started
+        assert response.status_code == 504, response.text
+        assert "no heat map within 0.3 s" in response.json()["detail"]
+        assert waited < 2
+        app.state.service.explainer.submit(lambda: None).result(5)
+        calls_then = len(calls)
+        time.sleep(0.5)
+        assert len(calls) == calls_then <= 2
+        assert client.post("/v1/predict", content=BODY).status_code == 200

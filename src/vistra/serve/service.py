@@ -1,6 +1,7 @@
 """The service behind the routes: one classifier on its model thread, a pool of preprocessing
 threads, admission (per service, per client address and for heat maps) and time limits,
-explanations on a thread and a model copy of their own, readiness and metrics.
+explanations on a thread and a model copy of their own (for an .onnx graph, the served
+session itself: occlusion and RISE only run it), readiness and metrics.
 
 It knows nothing of the web framework: what it refuses raises `ServiceError` (an HTTP status,
 a one-line reason, headers), and `vistra.serve.app` turns that into a response.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import dataclasses
 import io
 import logging
 import math
@@ -26,7 +28,8 @@ import torch
 from PIL import Image
 
 from vistra import __version__
-from vistra.explain import default_method, explain, methods_for, overlay
+from vistra.explain import METHODS, default_method, explain, methods_for, overlay
+from vistra.explain.perturbation import Model
 from vistra.runtime import Classifier, load_classifier
 from vistra.serve.batcher import Batcher, BatchPass
 from vistra.serve.metrics import Metrics
@@ -76,7 +79,7 @@ class Service:
         # Heat maps are drawn one at a time here, never on the model thread: however long
         # one takes, predictions do not wait for it.
         self.explainer = ThreadPoolExecutor(1, thread_name_prefix="vistra-explain")
-        self._explain_model: torch.nn.Module | None = None  # made on the first heat map
+        self._explain_model: Model | None = None  # made on the first heat map
         self._explain_model_lock = threading.Lock()
         self._explain_deadline = math.inf  # of the heat map being drawn, on perf_counter()
         self.input_size = list(classifier.transform(Image.new("RGB", (32, 32))).shape)
@@ -244,7 +247,9 @@ class Service:
             raise ServiceError(400, f"explain is unavailable: {self.explain_unavailable}")
         method = self.explain_default if asked in ("", "default") else asked
         if method not in self.explain_methods:
-            raise ServiceError(400, f"unknown explain method {asked!r}; this model offers "
+            what = ("does not apply to " + self.classifier.name if method in METHODS
+                    else "is unknown")
+            raise ServiceError(400, f"explain method {asked!r} {what}; this model offers "
                                f"{', '.join(self.explain_methods)} (or default)")
         return method
 
@@ -275,14 +280,20 @@ class Service:
                 "label": heat.label if heat.label is not None else self.label(int(heat.target)),
                 "probability": float(heat.probability), "overlay_png": png}
 
-    def explain_model(self) -> torch.nn.Module:
-        """The module heat maps are drawn with, made on the first heat map (once, whichever
+    def explain_model(self) -> Model:
+        """The model heat maps are drawn with, made on the first heat map (once, whichever
         thread asks first): a copy of the served one, never the served one itself, which the
         model thread runs meanwhile (explanations hook into the model); for a bf16 or fp16
         service an fp32 copy loaded from the same file, so the maps are the fp32 service's,
-        not half-precision gradients'."""
+        not half-precision gradients'. A graph without a module (an .onnx file, int8 or not)
+        is the served Classifier itself, checking the deadline before each run: occlusion
+        and RISE only run it, and an onnxruntime session may run on several threads at once,
+        so a second session would only double the memory."""
         with self._explain_model_lock:
-            if self._explain_model is None:
+            if self._explain_model is None and self.classifier.model is None:
+                self._explain_model = dataclasses.replace(self.classifier,
+                                                          run=self._run_unless_abandoned)
+            elif self._explain_model is None:
                 if self.classifier.dtype == "fp32":
                     model = copy.deepcopy(self.classifier.model)
                 else:
@@ -294,6 +305,13 @@ class Service:
             return self._explain_model
 
     def _stop_if_abandoned(self, module: torch.nn.Module, inputs: tuple) -> None:
+        self._check_deadline()
+
+    def _run_unless_abandoned(self, batch: torch.Tensor) -> torch.Tensor:
+        self._check_deadline()
+        return self.classifier.run(batch)
+
+    def _check_deadline(self) -> None:
         if time.perf_counter() > self._explain_deadline:
             raise HeatMapAbandoned()
 
@@ -315,12 +333,11 @@ def _explain_support(classifier: Classifier, settings: ServeSettings
     none."""
     if not settings.explain:
         return [], None, "the service was started without --explain"
-    if classifier.model is None:
-        return [], None, (f"the {classifier.backend} backend has no PyTorch module to "
-                          "explain; serve the .safetensors checkpoint instead")
-    default = default_method(classifier.model)
+    # A graph without a module (an .onnx file) is explained by the methods that only run it.
+    model = classifier if classifier.model is None else classifier.model
+    default = default_method(model)
     # The default first: the page offers the first one.
-    methods = sorted(methods_for(classifier.model), key=lambda m: m != default)
+    methods = sorted(methods_for(model), key=lambda m: m != default)
     if not methods:
         return [], None, f"no explain method supports {classifier.name}"
     return methods, default, None

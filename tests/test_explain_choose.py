@@ -188,7 +188,7 @@ def test_cli_choose_saves_a_copy_that_explain_then_follows(checkpoint, tmp_path,
     assert f"{choice.method} " in out and "<- chosen" in out and f"written {saved}" in err
     assert _tensor_bytes(saved) == _tensor_bytes(checkpoint)
 
-    image = next((data / "red").glob("*.png"))
+    image = data / "red" / "0.png"
     assert main(["explain", str(saved), str(image), "--out", str(tmp_path / "maps")]) == 0
     err = capsys.readouterr().err
     assert f"method: {choice.method}, recorded by vistra explain --choose on 3 images of " \

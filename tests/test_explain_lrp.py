@@ -8,7 +8,8 @@
   timm), bitsandbytes and zennit, and `lxt.efficient` (the gradient x input formulation
   vistra follows) imports its torchvision and transformers 4 model files on import, so it
   does not load beside transformers 5 without torchvision. `pip install lxt --no-deps`
-  gives `lxt.explicit`, which needs torch only; without it those tests skip.
+  gives `lxt.explicit`, which needs torch only: the README's test command (and so CI)
+  installs it that way; where it is missing those tests skip.
 - a layer-by-layer LRP pass written out here (each rule's relevance formula on the stored
   activations, no autograd) on a tiny ViT, which always runs.
 

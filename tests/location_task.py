@@ -21,7 +21,7 @@ HALF = SIZE // 2
 # Folder names that sort in the order of the class indices (row-major quadrants).
 QUADRANTS = ("q0-top-left", "q1-top-right", "q2-bottom-left", "q3-bottom-right")
 BRIGHT, DIM, BACKGROUND, NOISE = 230, 120, 30, 12
-TRAIN_IMAGES, VAL_IMAGES, EPOCHS = 1500, 100, 6
+TRAIN_IMAGES, VAL_IMAGES, EPOCHS = 1500, 100, 12
 HELD_OUT_SEED = 1000  # training and validation images use the seeds below it
 
 

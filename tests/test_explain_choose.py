@@ -161,7 +161,7 @@ def test_a_damaged_record_is_refused_as_damaged_metadata(checkpoint, tmp_path):
 
 def test_the_default_is_the_recorded_method_while_it_applies():
     model = tiny_vit()
-    assert default_method(model) == "grad-rollout"
+    assert default_method(model) == "rise"
     assert default_reason(model) == "the vit family's default (no recorded choice)"
     model.card.explain = a_choice("occlusion", images=7, data="flowers/val")
     assert default_method(model) == "occlusion"
@@ -169,7 +169,7 @@ def test_the_default_is_the_recorded_method_while_it_applies():
         "recorded by test on 7 images of flowers/val: ROAD deletion 0.60x and mean-colour "
         "deletion 0.40x the random order's")
     model.card.explain = a_choice("gradcam")  # a Swin method: not this model's
-    assert default_method(model) == "grad-rollout"
+    assert default_method(model) == "rise"
     assert "the recorded gradcam does not apply" in default_reason(model)
     model.reset_classifier(4)  # a new head: what was measured no longer holds
     assert model.card.explain is None
@@ -196,7 +196,7 @@ def test_cli_choose_saves_a_copy_that_explain_then_follows(checkpoint, tmp_path,
     assert (tmp_path / "maps" / f"{image.stem}.{choice.method}.png").is_file()
 
     assert main(["explain", str(checkpoint), str(image), "--out", str(tmp_path / "m2")]) == 0
-    assert "method: grad-rollout, the vit family's default (no recorded choice)" in \
+    assert "method: rise, the vit family's default (no recorded choice)" in \
         capsys.readouterr().err
 
 

@@ -357,7 +357,7 @@ def test_lrp_is_listed_after_the_families_defaults():
     for model in (tiny_vit(), tiny_swin()):
         family = get_family(model)
         assert family.explain_methods[-1] == "lrp" and "lrp" in methods_for(model)
-        assert default_method(model) in ("grad-rollout", "gradcam")
+        assert default_method(model) == "rise"
 
 
 # -- the model-randomisation sanity check ----------------------------------------------------

@@ -233,7 +233,7 @@ def swin_export_size_rule(model: nn.Module) -> tuple[int, int]:
 
 register_family(ModelFamily(
     "vit", "ViT", ViTConfig, VisionTransformer, stages=vit_stages, cost=vit_cost,
-    modelled_fields=_VIT_FIELDS, explain_methods=("grad-rollout", "rollout", "lrp"),
+    modelled_fields=_VIT_FIELDS, explain_methods=("rise", "grad-rollout", "rollout", "lrp"),
     token_stride=vit_token_stride, token_geometry=token_geometry_from_stem,
     weight_facts=vit_weight_facts,
     structure_facts=VIT_STRUCTURE, hf_peer=vit_hf_peer, timm_names=VIT_TIMM_NAMES,
@@ -241,7 +241,8 @@ register_family(ModelFamily(
 register_family(ModelFamily(
     "swin", "Swin", SwinConfig, SwinTransformer, stages=swin_stages, cost=swin_cost,
     modelled_fields=_SWIN_FIELDS, flops_stage=stage_by_layer, windowed=True,
-    explain_methods=("gradcam", "scorecam", "window", "lrp"), token_stride=swin_token_stride,
+    explain_methods=("rise", "gradcam", "scorecam", "window", "lrp"),
+    token_stride=swin_token_stride,
     token_geometry=token_geometry_from_stem,
     weight_facts=swin_weight_facts, structure_facts=SWIN_STRUCTURE, hf_peer=swin_hf_peer,
     timm_names=SWIN_TIMM_NAMES, export_size_rule=swin_export_size_rule))

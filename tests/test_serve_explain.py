@@ -97,7 +97,8 @@ def test_while_a_heat_map_holds_the_limit_predictions_are_served_and_another_map
         first, plain, plain_seconds, second, still_drawing = asyncio.run(scenario())
     finally:
         release.set()
-    assert still_drawing and plain.status_code == 200 and plain_seconds < 2
+    # well under the 30 s the held map would take: it did not wait behind it
+    assert still_drawing and plain.status_code == 200 and plain_seconds < 10
     assert second.status_code == 503 and second.headers["retry-after"] == "1"
     assert "1 heat maps are already being drawn" in second.json()["detail"]
     assert first.status_code == 200 and "explanation" in first.json()
@@ -128,7 +129,7 @@ def test_a_heat_map_past_its_time_gets_504_stops_and_the_service_lives_on(classi
         waited = time.perf_counter() - started
         assert response.status_code == 504, response.text
         assert "no heat map within 0.3 s" in response.json()["detail"]
-        assert waited < 2
+        assert waited < 5  # the limit is 0.3 s; the map would run on for seconds
         # Occlusion calls the model again and again: past its time it stops at the next
         # call, freeing the explain thread.
         service.explainer.submit(lambda: None).result(5)
@@ -209,7 +210,7 @@ def test_an_onnx_heat_map_past_its_time_gets_504_and_stops(onnx_file):
         waited = time.perf_counter() - started
         assert response.status_code == 504, response.text
         assert "no heat map within 0.3 s" in response.json()["detail"]
-        assert waited < 2
+        assert waited < 5  # the limit is 0.3 s; the map would run on for seconds
         app.state.service.explainer.submit(lambda: None).result(5)
         calls_then = len(calls)
         time.sleep(0.5)

@@ -218,7 +218,7 @@ def test_pil_map_is_at_the_images_size_and_zero_outside_the_centre_crop():
                                                    "crop_pct": 0.875})
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64), np.uint8))
     e = explain(model, image)
-    assert isinstance(e, Explanation) and e.method == "grad-rollout"
+    assert isinstance(e, Explanation) and e.method == "rise"
     assert e.map.shape == (40, 64) and e.map.dtype == torch.float32
     assert 0 <= float(e.map.min()) and float(e.map.max()) <= 1
     # resized to 32 high (28 / 0.875) and 51 wide, crop 28x28 at (12, 2): the margins

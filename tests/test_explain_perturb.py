@@ -358,8 +358,8 @@ def trained_on_quadrants(model: nn.Module, steps: int, lr: float) -> nn.Module:
 ])
 def test_maps_of_a_trained_and_a_reinitialised_model_differ(family, build, steps, lr):
     """Adebayo et al. 2018: a map that explains the model must change when its weights are
-    replaced by fresh ones. The family's default and the model-agnostic perturbation methods,
-    on a model trained for a few seconds to find the square's quadrant."""
+    replaced by fresh ones. The family's default, the model-agnostic perturbation methods and
+    lrp, on a model trained for a few seconds to find the square's quadrant."""
     torch.manual_seed(0)
     model = trained_on_quadrants(build(), steps, lr)
     x, y = quadrant_task(16, 1)
@@ -367,7 +367,7 @@ def test_maps_of_a_trained_and_a_reinitialised_model_differ(family, build, steps
         accuracy = float((model(x).argmax(1) == y).float().mean())
     assert accuracy >= 0.9, f"the model did not learn the task (accuracy {accuracy:.2f})"
     fresh = randomised_copy(model, seed=1)
-    for method in (default_method(model), "occlusion", "rise"):
+    for method in dict.fromkeys((default_method(model), "occlusion", "rise", "lrp")):
         options = dict(masks=200)
         trained = explain_batch(model, x, method, y, **options)[0]
         random = explain_batch(fresh, x, method, y, **options)[0]

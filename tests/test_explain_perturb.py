@@ -1,7 +1,8 @@
 """vistra.explain's model-agnostic maps and where maps are placed: occlusion and RISE against
 brute-force loops, the gradient against finite differences, tokens at their receptive
 fields' centres, every tensor on the input's device, the model-randomisation sanity check,
-and an exported .onnx model explained from the command line."""
+and an exported .onnx model explained from the command line, by default with the method
+recorded for it where the file can run that one."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_explain_choose import a_choice
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -411,6 +413,35 @@ def test_an_exported_onnx_model_is_explained_from_the_command_line(tmp_path, cap
     assert "occlusion, rise" in capsys.readouterr().err
     assert main(["explain", str(onnx), "--evaluate", "--data", str(tmp_path)]) == 2
     assert ".safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recorded, method, why", [
+    ("occlusion", "occlusion", "recorded by vistra train on 4 images of somewhere: ROAD "
+                               "deletion 0.60x and mean-colour deletion 0.40x"),
+    ("rise", "rise", "recorded by vistra train on 4 images of somewhere"),
+    ("lrp", "occlusion", "the default of a model that is only run (the checkpoint's recorded "
+                         "choice lrp needs the PyTorch model; an .onnx file runs occlusion and "
+                         "rise only)"),
+    (None, "occlusion", "the default of a model that is only run (no PyTorch module)"),
+])
+def test_an_onnx_file_follows_the_recorded_method_it_can_run(tmp_path, capsys, recorded,
+                                                             method, why):
+    """The record exported with the checkpoint picks the .onnx file's default while it is a
+    method that only runs the model; one that needs gradients falls back, saying so."""
+    pytest.importorskip("onnxruntime")
+    from vistra.onnx import export_checkpoint
+
+    torch.manual_seed(0)
+    model = vistra.create_model("vit_fmnist", depth=1)
+    model.card.explain = a_choice(recorded, by="vistra train") if recorded else None
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    onnx = export_checkpoint(tmp_path / "m.safetensors", tmp_path / "m.onnx").path
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(photo)
+    assert main(["explain", str(onnx), str(photo), "--masks", "16", "--window", "14",
+                 "--out", str(tmp_path / "maps")]) == 0
+    assert f"method: {method}, {why}" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "maps").glob("*.npy")] == [f"photo.{method}.npy"]
 
 
 def test_the_perturbation_methods_are_every_familys():

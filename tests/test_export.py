@@ -1,7 +1,7 @@
 """ONNX export: onnxruntime gives eager PyTorch's logits for every family, at any batch and
 at a second image size from the same file (or the file refuses the size); the metadata
-carries what prediction needs; int8, dynamic or static from calibration images, keeps the fp32
-model's answers."""
+carries what prediction needs, and the explain method measured for the model; int8, dynamic
+or static from calibration images, keeps the fp32 model's answers and the metadata."""
 
 import re
 from dataclasses import replace
@@ -12,13 +12,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from safetensors import safe_open
 
 import vistra
 from vistra import create_model
 from vistra.cli import main
 from vistra.data import find_images, load_rgb
 from vistra.fileio import file_sha256
-from vistra.models import get_family
+from vistra.models import ExplainChoice, get_family
 from vistra.onnx import (
     calibration_images,
     export_checkpoint,
@@ -31,7 +32,7 @@ from vistra.onnx import (
 )
 from vistra.predict import predict_images
 from vistra.runtime import load_classifier, module_classifier
-from vistra.weights import save_checkpoint
+from vistra.weights import save_checkpoint, save_explain_choice
 
 MINI = Path(vistra.__file__).parent / "assets" / "fashion_mnist_mini"
 FMNIST_CLASSES = sorted(p.name for p in (MINI / "test").iterdir())
@@ -210,11 +211,40 @@ def test_export_cli_metadata_and_overwrite(fmnist_checkpoint, tmp_path, capsys):
     assert (meta.name, meta.classes, meta.data_config, meta.in_chans) == (
         source.name, source.classes, source.data_config, source.in_chans)
     assert meta.source_sha256 == file_sha256(fmnist_checkpoint)
+    # no explain method was measured for it: the file records none, as before there were any
+    assert meta.explain is None
+    assert "vistra.explain" not in {p.key for p in onnx.load(out).metadata_props}
     before = out.read_bytes()
     assert main(["export", str(fmnist_checkpoint), "--out", str(out)]) == 2
     assert "exists; choose another --out or pass --force" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert main(["export", str(fmnist_checkpoint), "--out", str(out), "--force"]) == 0
+
+
+def test_the_measured_explain_method_travels_into_the_file_and_its_int8_copies(
+        fmnist_checkpoint, tmp_path):
+    """The card's ExplainChoice under vistra.explain, in the checkpoint's own serialisation;
+    both kinds of int8 copy, which are new graphs, carry it over; a damaged record is
+    refused naming the file."""
+    scores = {m: {"deletion": d, "road": d, "insertion": 1 - d}
+              for m, d in (("occlusion", 0.2), ("lrp", 0.3), ("random", 0.5))}
+    choice = ExplainChoice("occlusion", scores, 8, "fmnist/val", 16, "vistra train")
+    chosen = save_explain_choice(fmnist_checkpoint, choice, tmp_path / "chosen.safetensors")
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(chosen), "--out", str(out), "--int8"]) == 0
+    static = quantize_int8_static(out, tmp_path / "static.onnx", MINI / "train", images=8)
+    with safe_open(str(chosen), framework="pt") as f:
+        stored = f.metadata()["explain"]
+    for path in (out, tmp_path / "model.int8.onnx", static):
+        props = {p.key: p.value for p in onnx.load(path).metadata_props}
+        assert props["vistra.explain"] == stored, path
+        assert read_onnx_metadata(path).explain == choice
+        assert load_classifier(path).explain == choice
+    model = onnx.load(out)
+    next(p for p in model.metadata_props if p.key == "vistra.explain").value = '{"method": 3}'
+    onnx.save(model, tmp_path / "damaged.onnx")
+    with pytest.raises(ValueError, match="damaged.onnx has a damaged explain record"):
+        read_onnx_metadata(tmp_path / "damaged.onnx")
 
 
 def test_predict_onnx_prints_what_predict_safetensors_prints(fmnist_checkpoint, tmp_path,

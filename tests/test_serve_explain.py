@@ -2,7 +2,8 @@
 thread and a model copy of their own, at most --explain-max-in-flight are admitted (more get
 503), and each has --explain-timeout-s (504, and the map stops at its next model call).
 `?explain=` (empty) and `?explain=default` use the model's default method. An .onnx model
-offers the methods that only run it (occlusion, RISE), under the same limits."""
+offers the methods that only run it (occlusion, RISE), under the same limits, and defaults
+to the one recorded for it if it is one of those."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import logging
 import threading
 import time
 
@@ -26,6 +28,7 @@ from serve_helpers import (
     scrape_metrics,
     tiny_checkpoint,
 )
+from test_explain_choose import a_choice
 
 import vistra.serve.service
 from vistra.data.images import load_rgb
@@ -33,6 +36,7 @@ from vistra.explain import explain, overlay
 from vistra.onnx import export_checkpoint, quantize_int8
 from vistra.runtime import load_classifier
 from vistra.serve import ServeSettings, create_app
+from vistra.weights import save_explain_choice
 
 BODY = fashion_images(1)[0].read_bytes()
 
@@ -216,3 +220,22 @@ def test_an_onnx_heat_map_past_its_time_gets_504_and_stops(onnx_file):
         time.sleep(0.5)
         assert len(calls) == calls_then <= 2
         assert client.post("/v1/predict", content=BODY).status_code == 200
+
+
+@pytest.mark.parametrize("recorded, default, why", [
+    ("rise", "rise", "recorded by vistra train on 4 images of somewhere"),
+    ("lrp", "occlusion", "the checkpoint's recorded choice lrp needs the PyTorch model"),
+])
+def test_an_onnx_model_defaults_to_the_recorded_method_it_can_run(classifier, tmp_path, caplog,
+                                                                   recorded, default, why):
+    chosen = save_explain_choice(classifier.source, a_choice(recorded, by="vistra train"),
+                                 tmp_path / "chosen.safetensors")
+    onnx_file = export_checkpoint(chosen, tmp_path / "chosen.onnx").path
+    with caplog.at_level(logging.INFO, "vistra.serve"), \
+            TestClient(_app(load_classifier(onnx_file))) as client:
+        info = client.get("/v1/model").json()
+        response = client.post("/v1/predict?explain=default", content=BODY)
+    assert info["explain_default"] == default and info["explain_methods"][0] == default
+    assert response.status_code == 200, response.text
+    assert response.json()["explanation"]["method"] == default
+    assert f"heat maps: method {default} by default, " in caplog.text and why in caplog.text

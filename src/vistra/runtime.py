@@ -20,7 +20,7 @@ from vistra.accel import amp_dtype, enable_tf32, optimize, resolve_amp, resolve_
 from vistra.accel.capabilities import TORCH_DTYPES
 from vistra.data import Transform, eval_transform, eval_transform_for
 from vistra.fileio import file_sha256
-from vistra.models import DataConfig
+from vistra.models import DataConfig, ExplainChoice
 from vistra.onnx import OnnxRunner
 from vistra.weights import load_checkpoint
 
@@ -80,6 +80,7 @@ class Classifier:
     head: str = "mean"  # a distilled model's head it answers with (HEADS)
     amp: str = "off"  # the autocast an fp32 torch model runs under: bf16, fp16 or off
     device: str = "cpu"  # where it computes (batches may come from anywhere)
+    explain: ExplainChoice | None = None  # an .onnx file's recorded explain method, if any
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -143,13 +144,13 @@ def module_classifier(model: torch.nn.Module, head: str = "mean") -> Classifier:
 
 def onnx_classifier(path: str | os.PathLike, threads: int | None = None) -> Classifier:
     """An .onnx file from `vistra export` in onnxruntime (vistra.onnx.OnnxRunner); a
-    .safetensors is exported first, in memory. The preprocessing is the one the file
-    records."""
+    .safetensors is exported first, in memory. The preprocessing, and the explain method
+    measured for the model, are the ones the file records."""
     runner = OnnxRunner(path, threads)
     meta = runner.metadata
     return Classifier(meta.name, meta.classes, meta.data_config, meta.in_chans, Path(path),
                       "onnx", eval_transform_for(meta.data_config, meta.in_chans), runner,
-                      dtype=runner.dtype)
+                      dtype=runner.dtype, explain=meta.explain)
 
 
 def resolve_backend(path: str | os.PathLike, backend: str = "auto") -> str:

@@ -25,13 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each image, DIR/<name>.<method>.png (the image with the map over it, "
                     "class and probability in a caption, at the image's own size) and "
                     "DIR/<name>.<method>.npy (the map, floats in [0, 1]). Methods: rollout "
-                    "and grad-rollout (default) for ViT / DeiT; gradcam (default), scorecam "
-                    "(slower: a forward pass per channel of the map, the most faithful) and "
-                    "window for Swin; for every model gradient, and occlusion and rise, "
-                    "which only run the model and so also explain an .onnx file (occlusion "
-                    "its default). A checkpoint that records the method measured most "
-                    "faithful for it (--choose, or the end of vistra train) defaults to "
-                    "that one. Existing files are never replaced without --force.")
+                    "and grad-rollout for ViT / DeiT; gradcam, scorecam (slower: a forward "
+                    "pass per channel of the map, the most faithful) and window for Swin; "
+                    "lrp for both; for every model gradient, and occlusion and rise (the "
+                    "default of ViT and Swin), which only run the model and so also explain "
+                    "an .onnx file (occlusion its default). A checkpoint that records the "
+                    "method measured most faithful for it (--choose, or the end of vistra "
+                    "train) defaults to that one, and so does an .onnx file exported from "
+                    "it while that one is occlusion or rise. Existing files are never "
+                    "replaced without --force.")
     p.add_argument("checkpoint", metavar="MODEL",
                    help="a vistra .safetensors (trained or converted), or an .onnx file from "
                         "vistra export (occlusion and rise, in onnxruntime)")
@@ -39,9 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image files or folders (searched recursively)")
     p.add_argument("--method", nargs="+", metavar="M",
                    help=f"one or more of {', '.join(METHODS)}, or all (those that apply to "
-                        "the model); default: the method the checkpoint records (--choose), "
-                        "else grad-rollout for ViT, gradcam for Swin, occlusion for an .onnx "
-                        "file")
+                        "the model); default: the method the checkpoint records (--choose; an "
+                        ".onnx file exported from it: if occlusion or rise), else rise for "
+                        "ViT and Swin, occlusion for an .onnx file")
     p.add_argument("--out", metavar="DIR", help="folder for the maps (created if missing)")
     p.add_argument("--target", metavar="CLASS",
                    help="explain this class (name or index) instead of the predicted one")

@@ -24,7 +24,8 @@ declares none); `occlusion` and `rise` only run it, so they also explain a Class
 (vistra.runtime, an .onnx file in onnxruntime included) or any function batch -> logits,
 whose default is `occlusion`. A model whose card records the method measured most faithful
 for it (`choose.py`: `vistra explain --choose`, the end of `vistra train`) defaults to that
-one instead (`default_method`, `default_reason`). Each runs the model's own forward (the
+one instead (`default_method`, `default_reason`), and so does an .onnx file exported from
+it, while the record names occlusion or rise. Each runs the model's own forward (the
 plain model; an optimized one takes its plain path while gradients or recorded attention
 weights are asked for); attention weights are recorded only for the duration of the call.
 Token maps are placed where each token sees (`generic.spread`). A new method is its module
@@ -43,7 +44,7 @@ from PIL import Image
 from torch import nn
 
 from vistra.data import eval_transform
-from vistra.models import TokenGeometry, get_family
+from vistra.models import ExplainChoice, TokenGeometry, get_family
 
 from .attention import grad_rollout, rollout
 from .generic import PIXELS, gradient, spread, token_geometry
@@ -138,8 +139,8 @@ def default_method(model: Model) -> str:
     """The method used when none is asked for, the one place that decides it: the method
     measured most faithful for this model (`vistra explain --choose`, the end of `vistra
     train`: its card's `explain`) while it still applies, else its family's default
-    (rise for ViT-like models and Swin); occlusion for a Classifier or
-    another function batch -> logits."""
+    (rise for ViT-like models and Swin); for a Classifier or another function batch ->
+    logits, the choice an .onnx file records if it is occlusion or rise, else occlusion."""
     return _default(model)[0]
 
 
@@ -150,7 +151,7 @@ def default_reason(model: Model) -> str:
 
 def _default(model: Model) -> tuple[str, str]:
     if not isinstance(model, nn.Module):
-        return ONLY_RUNNING[0], "the default of a model that is only run (no PyTorch module)"
+        return _default_only_run(getattr(model, "explain", None))
     family = get_family(model).name
     choice = model.card.explain
     if choice is None:
@@ -158,11 +159,27 @@ def _default(model: Model) -> tuple[str, str]:
     if choice.method not in methods_for(model):
         return _family(model)[0], (f"the {family} family's default (the recorded "
                                    f"{choice.method} does not apply to this model)")
-    return choice.method, (
-        f"recorded by {choice.by} on {choice.images} images of {choice.data}: ROAD deletion "
-        f"{choice.versus_random(choice.method, 'road'):.2f}x and mean-colour deletion "
-        f"{choice.versus_random(choice.method, 'deletion'):.2f}x the random order's (the "
-        f"lowest mean of the {len(choice.scores) - 1} methods scored)")
+    return choice.method, _recorded(choice)
+
+
+def _default_only_run(choice: ExplainChoice | None) -> tuple[str, str]:
+    """A model that is only run: the choice its .onnx file records (a Classifier's
+    `explain`) when it can run it, else occlusion."""
+    default = "the default of a model that is only run ({})"
+    if choice is None:
+        return ONLY_RUNNING[0], default.format("no PyTorch module")
+    if choice.method not in ONLY_RUNNING:
+        return ONLY_RUNNING[0], default.format(
+            f"the checkpoint's recorded choice {choice.method} needs the PyTorch model; an "
+            f".onnx file runs {' and '.join(ONLY_RUNNING)} only")
+    return choice.method, _recorded(choice)
+
+
+def _recorded(choice: ExplainChoice) -> str:
+    return (f"recorded by {choice.by} on {choice.images} images of {choice.data}: ROAD "
+            f"deletion {choice.versus_random(choice.method, 'road'):.2f}x and mean-colour "
+            f"deletion {choice.versus_random(choice.method, 'deletion'):.2f}x the random "
+            f"order's (the lowest mean of the {len(choice.scores) - 1} methods scored)")
 
 
 def _check_method(model: Model, method: str | None) -> str:

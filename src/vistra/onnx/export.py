@@ -110,9 +110,9 @@ class ExportResult:
 def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
                       source_sha256: str = "", tolerance: float = 1e-4
                       ) -> tuple[bytes, ExportResult]:
-    """The ONNX file's bytes for a vistra model (with .name, .data_config, .arch, .classes),
-    verified against eager PyTorch. Raises ValueError when the graph is not right at the
-    export size or holds non-standard operators."""
+    """The ONNX file's bytes for a vistra model (with .name, .data_config, .arch, .classes,
+    .card.explain), verified against eager PyTorch. Raises ValueError when the graph is not
+    right at the export size or holds non-standard operators."""
     import onnx
     import onnxruntime as ort
 
@@ -147,8 +147,9 @@ def export_onnx_bytes(model: nn.Module, *, opset: int = DEFAULT_OPSET,
             multiple, smallest = 0, min(h, w)
     if not multiple:
         _fix_image_size(proto, h, w)
+    # The measured explain method travels with the file, for the methods that only run it.
     meta = OnnxMetadata(model.name, model.classes, model.data_config, in_chans, multiple,
-                        smallest, source_sha256)
+                        smallest, source_sha256, explain=model.card.explain)
     onnx.helper.set_model_props(proto, meta.to_props())
     return proto.SerializeToString(), ExportResult(Path(), meta, error, probe, probe_error)
 

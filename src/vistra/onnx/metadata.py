@@ -1,7 +1,8 @@
 """What an exported file records about itself: the model's name, classes and preprocessing,
 the image sizes its graph computes right, the source checkpoint's hash and the quantisation
-(with, for static int8, the number of calibration images),
-as ONNX metadata_props (values as JSON under `vistra.*`)."""
+(with, for static int8, the number of calibration images) and the explain method measured
+for the model, if one was (its card's `ExplainChoice`, as a checkpoint stores it), as ONNX
+metadata_props (values as JSON under `vistra.*`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from vistra.models import DataConfig
+from vistra.models import DataConfig, ExplainChoice
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class OnnxMetadata:
     source_sha256: str
     quantization: str = "none"
     calibration_images: int = 0  # static int8: the images its activation ranges come from
+    explain: ExplainChoice | None = None  # the source checkpoint's card's record, if any
 
     def to_props(self) -> dict[str, str]:
         dc = self.data_config
@@ -35,6 +37,8 @@ class OnnxMetadata:
                   "source_sha256": self.source_sha256,
                   "quantization": self.quantization,
                   "calibration_images": self.calibration_images}
+        if self.explain is not None:  # a file without a record has no entry, as before
+            values["explain"] = self.explain.to_dict()
         return {f"vistra.{k}": json.dumps(v) for k, v in values.items()}
 
     @classmethod
@@ -47,9 +51,14 @@ class OnnxMetadata:
         dc = DataConfig(img_size=tuple(v["img_size"]), mean=tuple(v["mean"]),
                         std=tuple(v["std"]), crop_pct=v["crop_pct"],
                         interpolation=v["interpolation"])
+        try:  # the record is checked as a checkpoint's is: the file is not trusted
+            explain = None if v.get("explain") is None else ExplainChoice.from_dict(v["explain"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} has a damaged explain record ({err}); export it again "
+                             "with `vistra export`") from err
         return cls(v["name"], v["classes"], dc, v["in_chans"], v["size_multiple"],
                    v["min_size"], v["source_sha256"], v.get("quantization", "none"),
-                   v.get("calibration_images", 0))
+                   v.get("calibration_images", 0), explain)
 
     def check_size(self, height: int, width: int) -> None:
         """Raise ValueError naming the supported sizes when the graph cannot take this one."""

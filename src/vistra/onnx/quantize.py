@@ -7,9 +7,9 @@
   layer with weights: Conv (conv stems, patch embeddings), MatMul and Gemm; onnxruntime fuses
   each into an integer kernel when it loads the file.
 
-Both carry the metadata over and record the kind of quantisation (static: with the number of
-calibration images); LayerNorm, Softmax, GELU, the residual adds, the attention products and
-Swin's window gathers stay in float.
+Both carry the metadata over (the measured explain method included) and record the kind of
+quantisation (static: with the number of calibration images); LayerNorm, Softmax, GELU, the
+residual adds, the attention products and Swin's window gathers stay in float.
 
 Weights take 7 bits in both (onnxruntime's reduce_range), the activations 8 (u8). On x86
 onnxruntime multiplies u8 activations by s8 weights (it turns a QDQ file's s8 activations

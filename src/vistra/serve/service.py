@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from vistra import __version__
-from vistra.explain import METHODS, default_method, explain, methods_for, overlay
+from vistra.explain import METHODS, default_method, default_reason, explain, methods_for, overlay
 from vistra.explain.perturbation import Model
 from vistra.runtime import Classifier, load_classifier
 from vistra.serve.batcher import Batcher, BatchPass
@@ -336,6 +336,7 @@ def _explain_support(classifier: Classifier, settings: ServeSettings
     # A graph without a module (an .onnx file) is explained by the methods that only run it.
     model = classifier if classifier.model is None else classifier.model
     default = default_method(model)
+    log.info("heat maps: method %s by default, %s", default, default_reason(model))
     # The default first: the page offers the first one.
     methods = sorted(methods_for(model), key=lambda m: m != default)
     if not methods:

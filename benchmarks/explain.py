@@ -216,7 +216,8 @@ def markdown(results: dict[str, dict], command: str, machine: str, steps: int) -
              "Written by `benchmarks/explain.py`:", "", "```", command, "```", "", machine, "",
              "Location: the share of held-out images of the synthetic task "
              "(tests/location_task.py: 28x28 grey images whose class is the quadrant of a "
-             "bright square, with a dimmer square in another quadrant) whose map has its "
+             "bright square, with a dimmer square in another quadrant, and a fifth class of "
+             "images with the dim square alone) whose map has its "
              "maximum in the bright square's quadrant, on a model of the checkpoint's "
              "architecture trained on that task by this script through `vistra train` "
              "(chance: 25%). Quantus ROAD (Rong et al. 2022): top-1 accuracy as "

@@ -103,7 +103,7 @@ def candidates(model: torch.nn.Module, generator: torch.Generator) -> dict[str, 
 
 
 def quantus_aucs(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
-                 maps: torch.Tensor) -> tuple[float, float]:
+                 maps: torch.Tensor) -> tuple[float, float, float]:
     """Quantus's ROAD (top-1 accuracy as the pixels the map ranks highest are imputed from
     their neighbours, noise 0.01) and pixel flipping (the target's probability as they are
     set to the image's minimum, the background of these images): the mean of each curve
@@ -118,7 +118,13 @@ def quantus_aucs(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
     flipping = quantus.PixelFlipping(features_in_step=x[0, 0].numel() // FLIPPING_STEPS,
                                      disable_warnings=True)
     flipping_curves = np.asarray(flipping(model=model, **common))
-    return float(np.mean(list(road_curve.values()))), float(flipping_curves.mean())
+    # Beside it, not instead: the same flipping to the image's mean colour, the fill vistra's
+    # perturbation methods use (on a black background the minimum removes nothing there).
+    to_mean = quantus.PixelFlipping(features_in_step=x[0, 0].numel() // FLIPPING_STEPS,
+                                    perturb_baseline="mean", disable_warnings=True)
+    mean_curves = np.asarray(to_mean(model=model, **common))
+    return (float(np.mean(list(road_curve.values()))), float(flipping_curves.mean()),
+            float(mean_curves.mean()))
 
 
 def batch1_seconds(run: Maps, model, x: torch.Tensor, target: torch.Tensor,
@@ -147,10 +153,11 @@ def study(path: Path, data: Path, location_model: torch.nn.Module, args) -> dict
         maps = run(model, x, labels)
         batched = (time.perf_counter() - began) / len(x)
         found = curves(model, x, maps, labels, steps=args.steps, generator=generator)
-        road, flipping = quantus_aucs(model, x, labels, maps)
+        road, flipping, flipping_mean = quantus_aucs(model, x, labels, maps)
         scores[name] = {
             "location": location_share(run(location_model, loc_x, loc_y), loc_y),
             "quantus_road": road, "quantus_pixel_flipping": flipping,
+            "quantus_pixel_flipping_mean": flipping_mean,
             "insertion": float(auc(found.insertion).mean()),
             "deletion": float(auc(found.deletion).mean()),
             "seconds_per_image_batch1": batch1_seconds(run, model, x, labels,
@@ -206,6 +213,7 @@ def figure(models: dict[str, torch.nn.Module], paths: list[Path], out: Path) -> 
 
 COLUMNS = (("location", "location", "{:.0%}"), ("quantus_road", "Quantus ROAD AUC", "{:.3f}"),
            ("quantus_pixel_flipping", "Quantus pixel-flipping AUC", "{:.3f}"),
+           ("quantus_pixel_flipping_mean", "the same, to the mean colour", "{:.3f}"),
            ("insertion", "insertion AUC", "{:.3f}"), ("deletion", "deletion AUC", "{:.3f}"),
            ("seconds_per_image_batch1", "s / image (batch 1)", "{:.4f}"),
            ("seconds_per_image_batched", "s / image (batched)", "{:.4f}"))
@@ -224,7 +232,9 @@ def markdown(results: dict[str, dict], command: str, machine: str, steps: int) -
              f"{ROAD_PERCENTAGES[0]}-{ROAD_PERCENTAGES[-1]}% of the pixels, those the map "
              "ranks highest, are imputed from their neighbours (noise 0.01); pixel flipping "
              "(Bach et al. 2015): the target's probability as the pixels are set, in that "
-             f"order and {FLIPPING_STEPS} steps, to the image's minimum (the background). "
+             f"order and {FLIPPING_STEPS} steps, to the image's minimum (the background); "
+             "beside it, the same to the image's mean colour (Quantus's perturb_baseline "
+             "'mean'), the fill of vistra's perturbation methods and deletion curve. "
              "Both are the mean of Quantus's curve over its steps (lower is more faithful). "
              f"Insertion and deletion: vistra's curves in {steps} steps (pixels put back into "
              "a blurred copy, higher is better; replaced by the image's mean colour, lower "
@@ -260,7 +270,9 @@ def goal_lines(results: dict[str, dict]) -> list[str]:
     for name, r in results.items():
         scores, default = r["methods"], r["default"]
         for key, label in (("quantus_road", "Quantus ROAD"),
-                           ("quantus_pixel_flipping", "Quantus pixel flipping")):
+                           ("quantus_pixel_flipping", "Quantus pixel flipping"),
+                           ("quantus_pixel_flipping_mean",
+                            "Quantus pixel flipping to the mean colour (beside)")):
             ours, chance = scores[default][key], scores[RANDOM][key]
             others = {m: s[key] for m, s in scores.items()
                       if m not in (default, RANDOM, RANDOM_GRID)}

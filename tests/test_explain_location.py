@@ -1,9 +1,10 @@
 """The default map points at the evidence on the architectures people train: the Fashion-MNIST
 recipes' ViT and Swin, trained for a few epochs through `vistra train` on a task whose
 answer is a place (location_task.py: the class is the quadrant of a bright object, a dim one
-elsewhere as a distractor). The default method's maximum must lie in the bright object's
-quadrant for >= 90% of held-out images; every method's share is printed beside occlusion's,
-whose perturbations find the evidence by construction."""
+elsewhere as a distractor, or none when there is no bright object). The default method's
+maximum must lie in the bright object's quadrant for >= 90% of held-out images; every
+method's share is printed beside occlusion's, whose perturbations find the evidence by
+construction."""
 
 from __future__ import annotations
 

@@ -106,25 +106,22 @@ def quantus_aucs(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
                  maps: torch.Tensor) -> tuple[float, float, float]:
     """Quantus's ROAD (top-1 accuracy as the pixels the map ranks highest are imputed from
     their neighbours, noise 0.01) and pixel flipping (the target's probability as they are
-    set to the image's minimum, the background of these images): the mean of each curve
-    over its equally spaced steps, the area with the fraction removed on [0, 1]. Lower is
-    more faithful."""
+    set to the image's minimum, the background of these images; and, beside it, not
+    instead, to the image's mean colour, the fill vistra's perturbation methods use): the
+    mean of each curve over its equally spaced steps, the area with the fraction removed on
+    [0, 1]. Lower is more faithful."""
     import quantus
 
     common = dict(x_batch=x.numpy(), y_batch=target.numpy(), a_batch=maps[:, None].numpy(),
                   device="cpu", batch_size=len(x))  # Quantus's ROAD keeps one batch's curve
     road = quantus.ROAD(percentages=ROAD_PERCENTAGES, noise=0.01, disable_warnings=True)
     road_curve = road(model=model, **common)
-    flipping = quantus.PixelFlipping(features_in_step=x[0, 0].numel() // FLIPPING_STEPS,
-                                     disable_warnings=True)
-    flipping_curves = np.asarray(flipping(model=model, **common))
-    # Beside it, not instead: the same flipping to the image's mean colour, the fill vistra's
-    # perturbation methods use (on a black background the minimum removes nothing there).
-    to_mean = quantus.PixelFlipping(features_in_step=x[0, 0].numel() // FLIPPING_STEPS,
-                                    perturb_baseline="mean", disable_warnings=True)
-    mean_curves = np.asarray(to_mean(model=model, **common))
-    return (float(np.mean(list(road_curve.values()))), float(flipping_curves.mean()),
-            float(mean_curves.mean()))
+    to_minimum, to_mean = (
+        float(np.asarray(quantus.PixelFlipping(
+            features_in_step=x[0, 0].numel() // FLIPPING_STEPS, perturb_baseline=baseline,
+            disable_warnings=True)(model=model, **common)).mean())
+        for baseline in ("black", "mean"))  # Quantus's "black" is the image's minimum
+    return float(np.mean(list(road_curve.values()))), to_minimum, to_mean
 
 
 def batch1_seconds(run: Maps, model, x: torch.Tensor, target: torch.Tensor,

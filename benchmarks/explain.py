@@ -61,6 +61,7 @@ CAPTUM = ("captum-occlusion", "captum-feature-ablation", "captum-integrated-grad
 ROAD_PERCENTAGES = list(range(5, 100, 10))  # of the pixels imputed, MoRF order
 FLIPPING_STEPS = 28  # pixel flipping: the image's pixels flipped in this many equal steps
 PATCH = 4  # Captum's occlusion window and feature-ablation patches, the recipes' token side
+MINIMUM = "(fill minimum)"  # the name's suffix of a perturbation method hiding with the minimum
 
 
 def captum_maps(name: str) -> Maps:
@@ -92,11 +93,13 @@ def captum_maps(name: str) -> Maps:
 
 
 def candidates(model: torch.nn.Module, generator: torch.Generator) -> dict[str, Maps]:
-    """vistra's methods for this model, Captum's, and the random orders (per pixel, and per
-    token upsampled as the maps are: the control of a map's grain)."""
-    def vistra_method(method: str) -> Maps:
-        return lambda m, x, t: explain_batch(m, x, method, t)[0]
+    """vistra's methods for this model, occlusion and RISE also hiding with the image's
+    minimum (`--fill minimum`), Captum's, and the random orders (per pixel, and per token
+    upsampled as the maps are: the control of a map's grain)."""
+    def vistra_method(method: str, fill: str = "mean") -> Maps:
+        return lambda m, x, t: explain_batch(m, x, method, t, fill=fill)[0]
     return {**{m: vistra_method(m) for m in methods_for(model)},
+            **{f"{m} {MINIMUM}": vistra_method(m, "minimum") for m in ("occlusion", "rise")},
             **{name: captum_maps(name) for name in CAPTUM},
             RANDOM: lambda m, x, t: torch.rand(x.shape[0], *x.shape[-2:], generator=generator),
             RANDOM_GRID: lambda m, x, t: random_grid_maps(m, x, generator)}
@@ -231,7 +234,9 @@ def markdown(results: dict[str, dict], command: str, machine: str, steps: int) -
              "(Bach et al. 2015): the target's probability as the pixels are set, in that "
              f"order and {FLIPPING_STEPS} steps, to the image's minimum (the background); "
              "beside it, the same to the image's mean colour (Quantus's perturb_baseline "
-             "'mean'), the fill of vistra's perturbation methods and deletion curve. "
+             "'mean'), the fill of vistra's perturbation methods and deletion curve by "
+             f"default; '{MINIMUM}': occlusion and RISE hiding with the image's minimum "
+             "instead (`--fill minimum`). "
              "Both are the mean of Quantus's curve over its steps (lower is more faithful). "
              f"Insertion and deletion: vistra's curves in {steps} steps (pixels put back into "
              "a blurred copy, higher is better; replaced by the image's mean colour, lower "

@@ -51,16 +51,19 @@ def tiny_swin(**kw) -> SwinTransformer:
     return scrambled(SwinTransformer(SwinConfig(**{**cfg, **kw})))
 
 
-def mean_colours(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, 1, 1]: each image's mean of each channel."""
-    return torch.stack([torch.stack([channel.mean() for channel in image]) for image in x]
+def mean_colours(x: torch.Tensor, fill: str = "mean") -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, 1, 1]: each image's mean (or, `fill` "minimum", its minimum)
+    of each channel."""
+    reduce = {"mean": torch.mean, "minimum": torch.min}[fill]
+    return torch.stack([torch.stack([reduce(channel) for channel in image]) for image in x]
                        )[:, :, None, None]
 
 
-def reference_occlusion(model, x, target, window, stride) -> torch.Tensor:
+def reference_occlusion(model, x, target, window, stride, fill="mean") -> torch.Tensor:
     """Zeiler & Fergus with Captum's sliding window, one window at a time: each window
-    (every `stride` pixels and one against the far edge) painted in the image's mean colour;
-    a pixel's value is the mean log-probability drop over the windows that cover it."""
+    (every `stride` pixels and one against the far edge) painted in the image's mean colour
+    (or its minimum); a pixel's value is the mean log-probability drop over the windows
+    that cover it."""
     B, _, H, W = x.shape
 
     def starts(n):
@@ -68,7 +71,7 @@ def reference_occlusion(model, x, target, window, stride) -> torch.Tensor:
         s = list(range(0, n - w + 1, stride))
         return (s if s[-1] == n - w else s + [n - w]), w
     (tops, wh), (lefts, ww) = starts(H), starts(W)
-    colour = mean_colours(x)
+    colour = mean_colours(x, fill)
     total = torch.zeros(B, H, W, dtype=torch.float64)
     count = torch.zeros(H, W)
     with torch.no_grad():
@@ -85,26 +88,29 @@ def reference_occlusion(model, x, target, window, stride) -> torch.Tensor:
     return (total / count).float()
 
 
-@pytest.mark.parametrize("size,window,stride", [
-    ((16, 16), 4, 2),   # half-overlapping, the default's proportions
-    ((20, 28), 6, 4),   # non-square, the stride missing both far edges
-    ((16, 16), 24, 1),  # a window larger than the image: all of it hidden
+@pytest.mark.parametrize("size,window,stride,fill", [
+    ((16, 16), 4, 2, "mean"),   # half-overlapping, the default's proportions
+    ((20, 28), 6, 4, "mean"),   # non-square, the stride missing both far edges
+    ((16, 16), 24, 1, "mean"),  # a window larger than the image: all of it hidden
+    ((20, 28), 6, 4, "minimum"),  # hidden by the image's minimum
 ])
-def test_occlusion_equals_a_brute_force_loop(size, window, stride):
+def test_occlusion_equals_a_brute_force_loop(size, window, stride, fill):
     model = tiny_vit(img_size=size)
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     target = torch.tensor([1, 3])
-    maps, logits = occlusion(model, x, target, window=window, stride=stride, batch_size=7)
-    expected = reference_occlusion(model, x, target, window, stride)
+    maps, logits = occlusion(model, x, target, window=window, stride=stride, fill=fill,
+                             batch_size=7)
+    expected = reference_occlusion(model, x, target, window, stride, fill)
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=1e-4)
     assert expected.abs().max() > 1e-3  # not trivially equal
     with torch.no_grad():
         torch.testing.assert_close(logits, model(x))
     # the same map through a plain function batch -> logits, as for an exported model
     as_function = explain_batch(lambda b: model(b), x, "occlusion", target, window=window,
-                                stride=stride)[0]
+                                stride=stride, fill=fill)[0]
     torch.testing.assert_close(as_function, explain_batch(model, x, "occlusion", target,
-                                                          window=window, stride=stride)[0])
+                                                          window=window, stride=stride,
+                                                          fill=fill)[0])
 
 
 def test_occlusion_equals_captums_with_the_same_baseline():
@@ -123,16 +129,17 @@ def test_occlusion_equals_captums_with_the_same_baseline():
     torch.testing.assert_close(ours, theirs[:, 0], atol=1e-5, rtol=1e-4)
 
 
-def test_rise_equals_a_brute_force_loop():
+@pytest.mark.parametrize("fill", ["mean", "minimum"])
+def test_rise_equals_a_brute_force_loop(fill):
     """Petsiuk et al.'s weighted sum of masks, each pixel divided by how much of it the
-    masks kept; the masks' blend is with the image's mean colour."""
+    masks kept; the masks' blend is with the image's mean colour (or its minimum)."""
     model = tiny_swin(img_size=(24, 20))
     x = torch.randn(2, 3, 24, 20, generator=torch.Generator().manual_seed(0))
     target = torch.tensor([2, 0])
-    maps, _ = rise(model, x, target, masks=40, seed=3, batch_size=7)
+    maps, _ = rise(model, x, target, masks=40, seed=3, fill=fill, batch_size=7)
     grids, shifts = draw_rise_grids(40, (24, 20), seed=3)
     masks = rise_masks(grids, shifts, (24, 20))
-    colour = mean_colours(x)
+    colour = mean_colours(x, fill)
     expected = torch.zeros(2, 24, 20)
     with torch.no_grad():
         for b in range(2):
@@ -142,10 +149,16 @@ def test_rise_equals_a_brute_force_loop():
     # each pixel's sum over what the masks kept of it (the paper: over N p, its expectation)
     torch.testing.assert_close(maps, expected / masks.sum(0), atol=1e-5, rtol=1e-4)
     assert maps.std() > 1e-3
-    again, _ = rise(model, x, target, masks=40, seed=3, batch_size=40)
-    other, _ = rise(model, x, target, masks=40, seed=4)
+    again, _ = rise(model, x, target, masks=40, seed=3, fill=fill, batch_size=40)
+    other, _ = rise(model, x, target, masks=40, seed=4, fill=fill)
     torch.testing.assert_close(again, maps)
     assert not torch.allclose(other, maps)
+
+
+def test_an_unknown_fill_is_refused_before_the_model_runs():
+    with pytest.raises(ValueError, match="fill must be one of mean, minimum, got 'black'"):
+        explain_batch(lambda b: pytest.fail("the model ran"), torch.zeros(1, 3, 8, 8), "rise",
+                      fill="black")
 
 
 def test_rise_masks_are_the_authors_upsampled_and_shifted_grids():
@@ -404,6 +417,13 @@ def test_an_exported_onnx_model_is_explained_from_the_command_line(tmp_path, cap
     torch.testing.assert_close(ours, explain(model, image, method="occlusion", window=6).map,
                                atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(np.load(out / "photo.occlusion.npy"), ours.numpy(), atol=1e-6)
+    # --fill reaches the method: hidden by the image's minimum, another map, PyTorch's
+    assert main(["explain", str(onnx), str(photo), "--method", "occlusion", "--window", "6",
+                 "--fill", "minimum", "--out", str(tmp_path / "minimum")]) == 0
+    by_minimum = np.load(tmp_path / "minimum" / "photo.occlusion.npy")
+    np.testing.assert_allclose(by_minimum, explain(model, image, method="occlusion", window=6,
+                                                   fill="minimum").map.numpy(), atol=1e-4)
+    assert np.abs(by_minimum - ours.numpy()).max() > 1e-2
     # without --method: occlusion; gradients and --evaluate need the PyTorch model
     assert main(["explain", str(onnx), str(photo), "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "photo.occlusion.png").is_file()
@@ -447,6 +467,5 @@ def test_an_onnx_file_follows_the_recorded_method_it_can_run(tmp_path, capsys, r
 def test_the_perturbation_methods_are_every_familys():
     for model in (tiny_vit(), tiny_swin()):
         assert {"occlusion", "rise", "gradient"} <= set(methods_for(model))
-        assert default_method(model) == "rise"  # the location test's finding
     assert methods_for(lambda b: b) == ("occlusion", "rise")
     assert set(methods_for(tiny_vit())) <= set(METHODS)

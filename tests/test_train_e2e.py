@@ -181,3 +181,25 @@ def test_a_distilled_deit_trains_both_heads_on_the_labels(tmp_path):
     assert result.model.head_dist.weight.shape == initial.head_dist.weight.shape
     assert not torch.equal(result.model.head_dist.weight, initial.head_dist.weight)
     assert 0 <= result.history[0]["val_top1"] <= 1
+
+
+def test_threads_hold_for_the_run_and_the_callers_count_comes_back(tmp_path, monkeypatch):
+    """--threads 1 trains on one thread; the process keeps its own count after (the demo
+    once left a pytest process on one thread, and every model trained after it rounded
+    differently)."""
+    data = make_colour_folder(tmp_path / "data", per_class=4)
+    seen = []
+    real_epoch = loop.train_one_epoch
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_one_epoch", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(tiny_config(data, tmp_path / "run", threads=1))
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

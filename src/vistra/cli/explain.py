@@ -13,7 +13,7 @@ import torch
 from vistra.explain import METHODS, default_method, default_reason, methods_for
 from vistra.explain.choose import STEPS, choose_for_folder
 from vistra.explain.files import evaluate_folder, explain_files, load_explainable
-from vistra.explain.perturbation import RISE_MASKS, Model
+from vistra.explain.perturbation import FILLS, RISE_MASKS, Model
 
 CHOOSE_LIMIT = 256  # images --choose scores by default
 EVALUATE_LIMIT = 500  # images --evaluate scores by default
@@ -72,6 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"rise: the number of random masks (default: {RISE_MASKS})")
     p.add_argument("--seed", type=int, default=0,
                    help="rise: the seed the masks are drawn from (default: 0)")
+    p.add_argument("--fill", choices=FILLS, default="mean",
+                   help="occlusion and rise: what a hidden pixel becomes, the image's mean "
+                        "colour or its minimum (the background of dark images such as "
+                        "X-rays or Fashion-MNIST, where the map then says what the score "
+                        "loses as parts turn to background) (default: mean)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "
@@ -152,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"method: {default_method(model)}, {default_reason(model)}", file=sys.stderr)
     methods = _methods(model, args.method)
     options = dict(block=args.block, query=_query(args.query), stage=args.stage,
-                   window=args.window, stride=args.stride, masks=args.masks, seed=args.seed)
+                   window=args.window, stride=args.stride, masks=args.masks, seed=args.seed,
+                   fill=args.fill)
     failed: list[tuple[Path, str]] = []
     if args.paths:
         failed = explain_files(model, args.paths, methods, Path(args.out), target=args.target,

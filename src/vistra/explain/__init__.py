@@ -49,7 +49,7 @@ from vistra.models import ExplainChoice, TokenGeometry, get_family
 from .attention import grad_rollout, rollout
 from .generic import PIXELS, gradient, spread, token_geometry
 from .lrp import lrp
-from .perturbation import RISE_MASKS, Model, logits_of, occlusion, rise
+from .perturbation import FILLS, RISE_MASKS, Model, logits_of, occlusion, rise
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
 
@@ -66,6 +66,7 @@ class Options:
     stride: int | None = None
     masks: int = RISE_MASKS
     seed: int = 0
+    fill: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,10 @@ METHOD_TABLE: dict[str, Method] = {
     "scorecam": Method(lambda m, x, t, o: scorecam(m, x, t, o.stage, layer=o.layer)),
     "window": Method(lambda m, x, t, o: window_attention(m, x, o.block, o.query), "nearest"),
     "occlusion": Method(lambda m, x, t, o: (
-        *occlusion(m, x, t, window=o.window, stride=o.stride), PIXELS), "nearest"),
-    "rise": Method(lambda m, x, t, o: (*rise(m, x, t, masks=o.masks, seed=o.seed), PIXELS),
-                   "nearest"),
+        *occlusion(m, x, t, window=o.window, stride=o.stride, fill=o.fill), PIXELS),
+        "nearest"),
+    "rise": Method(lambda m, x, t, o: (
+        *rise(m, x, t, masks=o.masks, seed=o.seed, fill=o.fill), PIXELS), "nearest"),
     "gradient": Method(lambda m, x, t, o: (*gradient(m, x, t), PIXELS), "nearest"),
     "lrp": Method(lambda m, x, t, o: (*lrp(m, x, t), PIXELS), "nearest"),
 }
@@ -204,8 +206,8 @@ def explain_batch(model: Model, x: torch.Tensor, method: str | None = None,
                   target: torch.Tensor | None = None, *, block: int | None = None,
                   query: tuple[float, float] = (0.5, 0.5), stage: int | None = None,
                   layer: nn.Module | None = None, window: int | None = None,
-                  stride: int | None = None, masks: int = RISE_MASKS, seed: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  stride: int | None = None, masks: int = RISE_MASKS, seed: int = 0,
+                  fill: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Maps for a preprocessed batch x [B, C, H, W] -> (maps [B, H, W] in [0, 1], logits
     [B, K]), on the CPU. target [B] class indices, or None for each image's predicted class.
     model: a module (x goes to its device), or a Classifier or any function batch -> logits
@@ -216,8 +218,12 @@ def explain_batch(model: Model, x: torch.Tensor, method: str | None = None,
     they read; `block` (index over the model's Swin blocks, None: the first shifted one)
     and `query` (row, column as fractions of the input) pick what `window` shows. `window`
     and `stride` (pixels; None: a seventh of the shorter side, and half the window) are
-    occlusion's, `masks` and `seed` RISE's. A module runs in eval mode for the call."""
+    occlusion's, `masks` and `seed` RISE's; `fill` what both hide with ("mean": each image's
+    mean colour, "minimum": its minimum, the background of a dark image; see
+    perturbation.py). A module runs in eval mode for the call."""
     method = _check_method(model, method)
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     module = model if isinstance(model, nn.Module) else None
     if module is not None:
         x = x.to(next(module.parameters()).device)
@@ -227,7 +233,7 @@ def explain_batch(model: Model, x: torch.Tensor, method: str | None = None,
     if module is not None:
         module.eval()
     chosen = METHOD_TABLE[method]
-    options = Options(block, query, stage, layer, window, stride, masks, seed)
+    options = Options(block, query, stage, layer, window, stride, masks, seed, fill)
     try:
         grid, logits, geometry = chosen.run(model, x, target, options)
     finally:
@@ -241,7 +247,7 @@ def explain(model: Model, image: Image.Image | torch.Tensor, *, method: str | No
             target: int | None = None, block: int | None = None,
             query: tuple[float, float] = (0.5, 0.5), stage: int | None = None,
             window: int | None = None, stride: int | None = None, masks: int = RISE_MASKS,
-            seed: int = 0) -> Explanation:
+            seed: int = 0, fill: str = "mean") -> Explanation:
     """Explain the model's score for `target` (default: its top class) on one image.
 
     A PIL image is preprocessed with the model's evaluation transform (resize, centre crop,
@@ -268,7 +274,7 @@ def explain(model: Model, image: Image.Image | torch.Tensor, *, method: str | No
         targets = torch.tensor([target], device=x.device)
     maps, logits = explain_batch(model, x, method, targets, block=block, query=query,
                                  stage=stage, window=window, stride=stride, masks=masks,
-                                 seed=seed)
+                                 seed=seed, fill=fill)
     index = int(logits[0].argmax()) if target is None else target
     heat = maps[0]
     if isinstance(image, Image.Image):

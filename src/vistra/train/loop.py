@@ -150,7 +150,28 @@ def _say(ctx: DistContext, cfg: TrainConfig, message: str) -> None:
 
 def _fit(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None) -> TrainResult:
     """Train to the end of the schedule, from the start or from `saved` (the last.ckpt that
-    a resumed run continues)."""
+    a resumed run continues), on `cfg.threads` CPU threads if set."""
+    with _intra_op_threads(cfg.threads):
+        return _fit_on_threads(cfg, ctx, run_dir, saved)
+
+
+@contextmanager
+def _intra_op_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: left as they are) for the block, and
+    given back after it: a Python caller's process keeps its own count (a process that
+    trained with threads=1 and then another model would otherwise train that one on one
+    thread too, and with other rounding)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit_on_threads(cfg: TrainConfig, ctx: DistContext, run_dir: Path, saved: dict | None
+                    ) -> TrainResult:
     clock = time.perf_counter()  # the time budget's start (earlier processes' epochs added)
     run = _start_run(cfg, ctx, run_dir, saved)
     clock -= sum(run.epoch_times)
@@ -192,8 +213,6 @@ def _start_run(cfg: TrainConfig, ctx: DistContext, run_dir: Path,
                saved: dict | None) -> RunState:
     """The run ready for its first epoch, or for the one after `saved`: data scanned, model,
     EMA, loaders, optimizer and schedule built (and restored), rank 0's run files opened."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     cfg = choose_amp(cfg, ctx)  # before anything records cfg (config.yaml, checkpoints)
     teacher = None
     if cfg.teacher:  # every process runs its own copy on its own batches

@@ -132,7 +132,9 @@ def test_a_heat_map_past_its_time_gets_504_stops_and_the_service_lives_on(classi
         response = client.post("/v1/predict?explain=occlusion", content=BODY)
         waited = time.perf_counter() - started
         assert response.status_code == 504, response.text
-        assert "no heat map within 0.3 s" in response.json()["detail"]
+        assert response.json()["detail"] == (
+            "no heat map by occlusion within 0.3 s (the service's --explain-timeout-s); ask "
+            "?explain=lrp (one backward pass), or without ?explain for the classes alone")
         assert waited < 5  # the limit is 0.3 s; the map would run on for seconds
         # Occlusion calls the model again and again: past its time it stops at the next
         # call, freeing the explain thread.
@@ -213,7 +215,10 @@ def test_an_onnx_heat_map_past_its_time_gets_504_and_stops(onnx_file):
         response = client.post("/v1/predict?explain=rise", content=BODY)
         waited = time.perf_counter() - started
         assert response.status_code == 504, response.text
-        assert "no heat map within 0.3 s" in response.json()["detail"]
+        assert response.json()["detail"] == (
+            "no heat map by rise within 0.3 s (the service's --explain-timeout-s); ask "
+            "?explain=occlusion (169 forwards, RISE's 1000), or without ?explain for the "
+            "classes alone")
         assert waited < 5  # the limit is 0.3 s; the map would run on for seconds
         app.state.service.explainer.submit(lambda: None).result(5)
         calls_then = len(calls)

@@ -74,9 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rise: the seed the masks are drawn from (default: 0)")
     p.add_argument("--fill", choices=FILLS, default="mean",
                    help="occlusion and rise: what a hidden pixel becomes, the image's mean "
-                        "colour or its minimum (the background of dark images such as "
-                        "X-rays or Fashion-MNIST, where the map then says what the score "
-                        "loses as parts turn to background) (default: mean)")
+                        "colour or its minimum, for images whose background is their "
+                        "minimum (Fashion-MNIST's flat black): the map then says what the "
+                        "score loses as parts turn to background; on a noisy or bright "
+                        "background the minimum cuts new dark objects (default: mean)")
     g = p.add_argument_group("faithfulness")
     g.add_argument("--evaluate", action="store_true",
                    help="deletion / insertion AUC of each method and of two random orders "

@@ -4,10 +4,9 @@ construction, for any model: every family, a model without one, and a Classifier
 function batch -> logits (an exported .onnx graph in onnxruntime).
 
 Hidden means, by default, replaced by the image's own mean colour, channel by channel
-(`mean_colour`).
-Not black, nor 0 in the normalised input (the dataset's mean colour): on a dark or a bright
-image those make the hidden part an object of its own, far from everything around it, with
-strong new edges; the image's mean is the constant closest to all of it. A blurred copy of
+(`mean_colour`). Not black, nor 0 in the normalised input (the dataset's mean colour): on a
+dark or a bright image those make the hidden part an object of its own, far from everything
+around it, with strong new edges; the image's mean is the constant closest to all of it. A blurred copy of
 the image, which adds no edge at all, was tried first and measured worse: it leaves the
 mass of what it hides smeared around the same place, and the model still sees it there. On
 the quadrant task of tests/test_explain.py (a ViT trained to 100%, 100 held-out images, the
@@ -15,14 +14,17 @@ map's peak in the bright square's quadrant), occlusion with 4-pixel windows foun
 square for 75% of the images with a blurred copy (sigma twice the window) and 100% with
 the mean colour, RISE for 98% and 100%.
 
-`fill="minimum"` hides with each channel's minimum instead: where the background is black
-(Fashion-MNIST, X-rays, night skies) that is the background itself, and the map then says
-what the score loses when a part becomes background. What a deletion score calls faithful
-depends on how it removes pixels, and each removal is won by the map that removes the same
-way: on the Fashion-MNIST recipe models (benchmarks/explain.md) RISE with the mean colour
-is the most faithful map under Quantus's ROAD (pixels imputed from their neighbours) and
-the same RISE with the minimum under Quantus's pixel flipping to the minimum, each ahead of
-every other map on its own measure and behind the other on the other's.
+`fill="minimum"` hides with each channel's minimum instead: where the background is the
+minimum (Fashion-MNIST's flat black) that is the background itself, and the map then says
+what the score loses when a part becomes background. Where it is not (a noisy or bright
+background), the minimum cuts new dark objects: on the location task of
+tests/location_task.py such maps found the object on 5-34% of the images, below chance.
+What a deletion score calls faithful depends on how it removes pixels, and each removal is
+won by the map that removes the same way: on the Fashion-MNIST recipe models
+(benchmarks/explain.md) RISE with the mean colour is the most faithful map under Quantus's
+ROAD (pixels imputed from their neighbours) and the same RISE with the minimum under
+Quantus's pixel flipping to the minimum, each ahead of every other map on its own measure
+and behind the other on the other's.
 
 `occlusion` (Zeiler & Fergus 2014, "Visualizing and understanding convolutional
 networks") slides a window over the image, as Captum's Occlusion: a pixel's value is the

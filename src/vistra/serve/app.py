@@ -98,10 +98,9 @@ async def predict(request: Request, response: Response, topk: TopK = 5,
     start = time.perf_counter()
     service = _service(request)
     method = service.explain_method(explain)
-    explaining = method is not None
-    async with service.admitted(_client(request), explaining):
+    async with service.admitted(_client(request), method is not None):
         result, done = await service.within_time(
-            _predict_one(request, service, topk, start, method), explaining)
+            _predict_one(request, service, topk, start, method), method)
     response.headers["Server-Timing"] = _forward_timing(done)
     return result
 

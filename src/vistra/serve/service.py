@@ -157,23 +157,29 @@ class Service:
             self.metrics.in_flight.dec()
             self.metrics.explains_in_flight.dec(explaining)
 
-    async def within_time(self, work: Awaitable[T], explaining: bool = False) -> T:
-        """The request's answer, or 504 when it takes longer than `timeout_s` (for a heat
-        map, `explain_timeout_s`)."""
-        seconds = self.settings.explain_timeout_s if explaining else self.settings.timeout_s
+    async def within_time(self, work: Awaitable[T], explain_method: str | None = None) -> T:
+        """The request's answer, or 504 when it takes longer than `timeout_s` (with a heat
+        map by `explain_method`, `explain_timeout_s`)."""
+        seconds = self.settings.timeout_s if explain_method is None else \
+            self.settings.explain_timeout_s
         try:
             return await asyncio.wait_for(work, seconds)
         except asyncio.TimeoutError as error:  # Python 3.10's is not the builtin TimeoutError
-            if explaining:
-                raise self._heat_map_too_slow() from error
+            if explain_method is not None:
+                raise self._heat_map_too_slow(explain_method) from error
             raise ServiceError(504, f"no answer within {seconds:g} s; "
                                "the service is overloaded or the model is slow") from error
 
-    def _heat_map_too_slow(self) -> ServiceError:
+    def _heat_map_too_slow(self, method: str) -> ServiceError:
+        """504 for a heat map past its time, naming a one-pass method this model offers
+        instead of a slow one (RISE's 1000 forwards take minutes for ViT-B on a CPU)."""
         self.metrics.explain_timeouts.inc()
-        return ServiceError(504, f"no heat map within {self.settings.explain_timeout_s:g} s "
-                            "(the service's --explain-timeout-s); ask without ?explain for the "
-                            "classes alone")
+        faster = _faster_method(method, self.explain_methods)
+        instead = f"ask ?explain={faster[0]} ({faster[1]}), or " if faster else "ask "
+        return ServiceError(504, f"no heat map by {method} within "
+                            f"{self.settings.explain_timeout_s:g} s (the service's "
+                            f"--explain-timeout-s); {instead}without ?explain for the classes "
+                            "alone")
 
     @contextmanager
     def receiving(self) -> Iterator[None]:
@@ -262,7 +268,7 @@ class Service:
         try:
             return await asyncio.wrap_future(job)
         except HeatMapAbandoned as error:
-            raise self._heat_map_too_slow() from error
+            raise self._heat_map_too_slow(method) from error
 
     def _draw_heat_map(self, image: Image.Image, method: str, target: int,
                        deadline: float) -> dict:
@@ -342,3 +348,14 @@ def _explain_support(classifier: Classifier, settings: ServeSettings
     if not methods:
         return [], None, f"no explain method supports {classifier.name}"
     return methods, default, None
+
+
+def _faster_method(slow: str, offered: list[str]) -> tuple[str, str] | None:
+    """A method the service offers that costs far fewer model calls than `slow`, and what it
+    costs: lrp's one backward for anything else, occlusion's 169 forwards for RISE's 1000
+    (an .onnx model offers only those two); None if there is none."""
+    for method, cost, instead_of in (("lrp", "one backward pass", None),
+                                     ("occlusion", "169 forwards, RISE's 1000", ("rise",))):
+        if method in offered and method != slow and (instead_of is None or slow in instead_of):
+            return method, cost
+    return None

@@ -9,10 +9,10 @@ dark or a bright image those make the hidden part an object of its own, far from
 around it, with strong new edges; the image's mean is the constant closest to all of it. A
 blurred copy of the image, which adds no edge at all, was tried first and measured worse:
 it leaves the mass of what it hides smeared around the same place, and the model still sees
-it there. On the quadrant task of tests/test_explain.py (a ViT trained to 100%, 100 held-out images, the
-map's peak in the bright square's quadrant), occlusion with 4-pixel windows found the
-square for 75% of the images with a blurred copy (sigma twice the window) and 100% with
-the mean colour, RISE for 98% and 100%.
+it there. On the quadrant task of tests/test_explain.py (a ViT trained to 100%, 100
+held-out images, the map's peak in the bright square's quadrant), occlusion with 4-pixel
+windows found the square for 75% of the images with a blurred copy (sigma twice the window)
+and 100% with the mean colour, RISE for 98% and 100%.
 
 `fill="minimum"` hides with each channel's minimum instead: where the background is the
 minimum (Fashion-MNIST's flat black) that is the background itself, and the map then says

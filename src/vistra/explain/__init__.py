@@ -49,7 +49,7 @@ from vistra.models import ExplainChoice, TokenGeometry, get_family
 from .attention import grad_rollout, rollout
 from .generic import PIXELS, gradient, spread, token_geometry
 from .lrp import lrp
-from .perturbation import FILLS, RISE_MASKS, Model, logits_of, occlusion, rise
+from .perturbation import RISE_MASKS, Model, check_fill, logits_of, occlusion, rise
 from .render import overlay
 from .swin import gradcam, scorecam, window_attention
 
@@ -222,8 +222,7 @@ def explain_batch(model: Model, x: torch.Tensor, method: str | None = None,
     mean colour, "minimum": its minimum, the background of a dark image; see
     perturbation.py). A module runs in eval mode for the call."""
     method = _check_method(model, method)
-    if fill not in FILLS:
-        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    check_fill(fill)  # before the model runs, whatever the method
     module = model if isinstance(model, nn.Module) else None
     if module is not None:
         x = x.to(next(module.parameters()).device)

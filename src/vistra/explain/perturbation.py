@@ -80,14 +80,18 @@ def mean_colour(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
 
 
+def check_fill(fill: str) -> None:
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+
+
 def hiding(x: torch.Tensor, fill: str) -> torch.Tensor:
     """x [B, C, H, W] -> what a hidden pixel becomes, at every pixel: each image's mean
     colour (`fill` "mean") or its minimum (`fill` "minimum"), channel by channel."""
+    check_fill(fill)
     if fill == "mean":
         return mean_colour(x)
-    if fill == "minimum":
-        return x.amin(dim=(2, 3), keepdim=True).expand_as(x)
-    raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+    return x.amin(dim=(2, 3), keepdim=True).expand_as(x)
 
 
 def default_window(x: torch.Tensor) -> int:

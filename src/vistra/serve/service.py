@@ -171,8 +171,8 @@ class Service:
                                "the service is overloaded or the model is slow") from error
 
     def _heat_map_too_slow(self, method: str) -> ServiceError:
-        """504 for a heat map past its time, naming a one-pass method this model offers
-        instead of a slow one (RISE's 1000 forwards take minutes for ViT-B on a CPU)."""
+        """504 for a heat map past its time, naming a much cheaper method the model offers
+        (RISE's 1000 forwards take minutes for ViT-B on a CPU)."""
         self.metrics.explain_timeouts.inc()
         faster = _faster_method(method, self.explain_methods)
         instead = f"ask ?explain={faster[0]} ({faster[1]}), or " if faster else "ask "

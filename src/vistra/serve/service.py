@@ -352,10 +352,12 @@ def _explain_support(classifier: Classifier, settings: ServeSettings
 
 def _faster_method(slow: str, offered: list[str]) -> tuple[str, str] | None:
     """A method the service offers that costs far fewer model calls than `slow`, and what it
-    costs: lrp's one backward for anything else, occlusion's 169 forwards for RISE's 1000
-    (an .onnx model offers only those two); None if there is none."""
-    for method, cost, instead_of in (("lrp", "one backward pass", None),
-                                     ("occlusion", "169 forwards, RISE's 1000", ("rise",))):
-        if method in offered and method != slow and (instead_of is None or slow in instead_of):
+    costs: lrp's one backward for the methods that run the model again and again (RISE,
+    occlusion, Score-CAM), occlusion's 169 forwards for RISE's 1000 (an .onnx model offers
+    only those two); None if there is none."""
+    cheaper = (("lrp", "one backward pass", ("rise", "occlusion", "scorecam")),
+               ("occlusion", "169 forwards, RISE's 1000", ("rise",)))
+    for method, cost, instead_of in cheaper:
+        if method in offered and slow in instead_of:
             return method, cost
     return None
